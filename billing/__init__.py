@@ -1,0 +1,1 @@
+"""Recurring off-session card billing on Stripe."""
