@@ -128,7 +128,8 @@ def _ensure_pg_running(data_dir: Path, extra_options: str) -> int:
         with contextlib.suppress(OSError):
             pidfile.unlink()
     port = _free_port()
-    opts = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=300 {extra_options}"
+    opts = (f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+            f"-c max_connections=300 {extra_options}")
     proc = subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "-l", str(pgdata / "server.log"), "-o", opts,
                            "-w", "-t", "60", "start"], capture_output=True, text=True, start_new_session=True, **run_as)
     if proc.returncode != 0:
