@@ -254,8 +254,6 @@ class Attempt(Base):
     decline_code: Mapped[str | None] = mapped_column(String(64))
     advice_code: Mapped[str | None] = mapped_column(String(64))
     message: Mapped[str | None] = mapped_column(Text)
-    # How many times the Stripe request was sent for this attempt (temporary errors resend it).
-    sends: Mapped[int] = mapped_column(Integer, default=0)
     started_at: Mapped[datetime] = _now_default()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

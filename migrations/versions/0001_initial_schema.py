@@ -163,7 +163,6 @@ def upgrade() -> None:
     sa.Column('decline_code', sa.String(length=64), nullable=True),
     sa.Column('advice_code', sa.String(length=64), nullable=True),
     sa.Column('message', sa.Text(), nullable=True),
-    sa.Column('sends', sa.Integer(), nullable=False),
     sa.Column('started_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.CheckConstraint("phase IN ('started', 'finished')", name=op.f('ck_attempts_phase_valid')),

@@ -1,0 +1,304 @@
+"""The only module that imports ``stripe``: calls in, our own types out (:mod:`billing.outcomes`).
+
+Two kinds of failure take two code paths (ARCHITECTURE practice 7):
+
+* temporary — network errors, 5xx, 429 (``rate_limit`` and ``lock_timeout``), 409
+  ``idempotency_key_in_use`` — are retried here, resending the *same* request with the *same*
+  idempotency key after an exponential backoff with jitter; when they outlast the budget,
+  :class:`~billing.outcomes.TemporaryStripeError` tells the caller to try again later, still with
+  that key. https://docs.stripe.com/error-low-level#idempotency,
+  https://docs.stripe.com/rate-limits#handling-limiting-gracefully
+* card errors and permanent request errors become a :class:`~billing.outcomes.PaymentOutcome` that
+  the dunning policy decides on.
+
+The SDK's own retries are off (``max_network_retries=0``): it would invent a key of its own for a
+call we made without one, and every send must pass through the shared rate limiter.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import stripe
+
+from billing.outcomes import CardDetails, OutcomeKind, PaymentOutcome, SetupResult, TemporaryStripeError
+from billing.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class Limiter(Protocol):
+    def acquire(self, endpoint: str) -> float: ...
+
+
+class StripeConfigError(RuntimeError):
+    """The API key is refused (401/403): no retry helps until an operator fixes the settings."""
+
+
+# PaymentIntent statuses → our outcome, for a PaymentIntent read back (retrieve, list, webhook).
+# https://docs.stripe.com/payments/paymentintents/lifecycle
+_STATUS_KIND = {
+    "succeeded": OutcomeKind.succeeded,
+    "processing": OutcomeKind.processing,
+    # Off-session there is nobody to authenticate: Stripe answers 402 authentication_required,
+    # some Stripe-compatible servers leave the PaymentIntent in requires_action instead.
+    "requires_action": OutcomeKind.authentication_required,
+    "requires_payment_method": OutcomeKind.declined,
+    "canceled": OutcomeKind.canceled,
+    # Neither should follow a confirm=true off-session create; settled later like processing.
+    "requires_confirmation": OutcomeKind.processing,
+    "requires_capture": OutcomeKind.processing,
+}
+
+
+def outcome_from_payment_intent(pi: Any) -> PaymentOutcome:
+    """Classify a PaymentIntent object (SDK object or plain dict) by its status and last error."""
+    status = pi["status"]
+    err = pi.get("last_payment_error") or {}
+    kind = _STATUS_KIND.get(status, OutcomeKind.processing)
+    if kind is OutcomeKind.declined and err.get("code") == "authentication_required":
+        kind = OutcomeKind.authentication_required
+    pm = pi.get("payment_method")
+    return PaymentOutcome(
+        kind=kind,
+        payment_intent_id=pi["id"],
+        payment_method_id=pm if isinstance(pm, str) or pm is None else pm.get("id"),
+        error_code=err.get("code") or ("authentication_required" if status == "requires_action" else None),
+        decline_code=err.get("decline_code"),
+        advice_code=err.get("advice_code"),
+        message=err.get("message"),
+    )
+
+
+def _outcome_from_card_error(exc: stripe.CardError) -> PaymentOutcome:
+    """A 402 on an off-session confirm: the PaymentIntent is left ``requires_payment_method`` and the
+    error carries it. https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method"""
+    body = (exc.json_body or {}).get("error", {})
+    pi = body.get("payment_intent") or {}
+    code = body.get("code") or exc.code
+    kind = OutcomeKind.authentication_required if code == "authentication_required" else OutcomeKind.declined
+    return PaymentOutcome(
+        kind=kind,
+        payment_intent_id=pi.get("id"),
+        payment_method_id=(body.get("payment_method") or {}).get("id"),
+        error_code=code,
+        decline_code=body.get("decline_code"),
+        advice_code=body.get("advice_code"),
+        message=body.get("message"),
+    )
+
+
+def _is_temporary(exc: stripe.StripeError) -> bool:
+    if isinstance(exc, (stripe.APIConnectionError, stripe.RateLimitError)):
+        return True
+    status = getattr(exc, "http_status", None) or 0
+    # 409 idempotency_key_in_use: the same request is in progress elsewhere — wait and resend.
+    return isinstance(exc, stripe.APIError) and (status >= 500 or status == 409 or status == 0)
+
+
+def _card_details(pm: Any) -> CardDetails:
+    card = pm.get("card") or {}
+    customer = pm.get("customer")
+    return CardDetails(
+        payment_method_id=pm["id"],
+        customer_id=customer if isinstance(customer, str) or customer is None else customer.get("id"),
+        brand=card.get("brand"),
+        last4=card.get("last4"),
+        exp_month=card.get("exp_month"),
+        exp_year=card.get("exp_year"),
+        country=card.get("country"),
+        fingerprint=card.get("fingerprint"),
+    )
+
+
+def _setup_result(si: Any, error: dict | None = None) -> SetupResult:
+    err = error or si.get("last_setup_error") or {}
+    pm = si.get("payment_method")
+    customer = si.get("customer")
+    mandate = si.get("mandate")
+    return SetupResult(
+        setup_intent_id=si["id"],
+        status=si["status"],
+        client_secret=si.get("client_secret"),
+        payment_method_id=pm if isinstance(pm, str) or pm is None else pm.get("id"),
+        mandate_id=mandate if isinstance(mandate, str) or mandate is None else mandate.get("id"),
+        customer_id=customer if isinstance(customer, str) or customer is None else customer.get("id"),
+        error_code=err.get("code"),
+        error_message=err.get("message"),
+    )
+
+
+class StripeGateway:
+    def __init__(self, *, api_key: str, api_base: str, limiter: Limiter | None = None,
+                 timeout: float = 30.0, max_sends: int = 4, backoff_base: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep):
+        self._client = stripe.StripeClient(
+            api_key,
+            base_addresses={"api": api_base},
+            max_network_retries=0,
+            http_client=stripe.RequestsClient(timeout=(5, timeout)),
+        )
+        self._limiter = limiter
+        self._max_sends = max_sends
+        self._backoff_base = backoff_base
+        self._sleep = sleep
+        self.sends = 0  # requests actually sent (benchmarks read it)
+
+    # --- the one place a request leaves --------------------------------------------------------
+
+    def _send(self, endpoint: str, call: Callable[[dict], Any], *, idempotency_key: str | None = None) -> Any:
+        options: dict = {"idempotency_key": idempotency_key} if idempotency_key else {}
+        for attempt in range(1, self._max_sends + 1):
+            if self._limiter is not None:
+                self._limiter.acquire(endpoint)
+            self.sends += 1
+            try:
+                return call(options)
+            except (stripe.AuthenticationError, stripe.PermissionError) as exc:
+                raise StripeConfigError(f"Stripe refused the API key ({exc.http_status})") from None
+            except stripe.StripeError as exc:
+                if not _is_temporary(exc):
+                    raise
+                log.warning("temporary Stripe error, resending with the same key",
+                            extra={"endpoint": endpoint, "http_status": getattr(exc, "http_status", None),
+                                   "code": getattr(exc, "code", None), "send": attempt})
+                if attempt == self._max_sends:
+                    raise TemporaryStripeError(f"{endpoint}: {type(exc).__name__} {exc.http_status or ''}") from exc
+                # Full jitter: spread the resends of many workers instead of stampeding together.
+                self._sleep(random.uniform(0, self._backoff_base * 2 ** (attempt - 1)))
+        raise AssertionError("unreachable")
+
+    # --- charging --------------------------------------------------------------------------------
+
+    def charge_off_session(self, *, customer_id: str, payment_method_id: str, amount: int, currency: str,
+                           mandate_id: str | None, metadata: dict[str, str], idempotency_key: str) -> PaymentOutcome:
+        """Create and confirm a PaymentIntent for a customer who is not present.
+        https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method"""
+        params: dict[str, Any] = {
+            "amount": amount, "currency": currency, "customer": customer_id,
+            "payment_method": payment_method_id, "payment_method_types": ["card"],
+            "off_session": True, "confirm": True, "metadata": metadata,
+        }
+        if mandate_id:
+            params["mandate"] = mandate_id
+        return self._payment_call("POST /v1/payment_intents",
+                                  lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key)
+
+    def confirm_off_session(self, *, payment_intent_id: str, payment_method_id: str, mandate_id: str | None,
+                            idempotency_key: str) -> PaymentOutcome:
+        """Retry a period on the PaymentIntent it already has (re-confirm, not a second PaymentIntent).
+        https://docs.stripe.com/api/payment_intents/confirm"""
+        params: dict[str, Any] = {"payment_method": payment_method_id, "off_session": True}
+        if mandate_id:
+            params["mandate"] = mandate_id
+        outcome = self._payment_call(
+            "POST /v1/payment_intents/:id/confirm",
+            lambda o: self._client.v1.payment_intents.confirm(payment_intent_id, params, o), idempotency_key)
+        if outcome.kind is OutcomeKind.invalid_request and outcome.error_code == "payment_intent_unexpected_state":
+            # Already succeeded or processing (the customer paid on the recovery page meanwhile).
+            return self.retrieve_payment_intent(payment_intent_id)
+        return outcome
+
+    def _payment_call(self, endpoint: str, call: Callable[[dict], Any], key: str) -> PaymentOutcome:
+        try:
+            pi = self._send(endpoint, call, idempotency_key=key)
+        except stripe.CardError as exc:
+            return _outcome_from_card_error(exc)
+        except stripe.InvalidRequestError as exc:
+            body = (exc.json_body or {}).get("error", {})
+            return PaymentOutcome(kind=OutcomeKind.invalid_request,
+                                  payment_intent_id=(body.get("payment_intent") or {}).get("id"),
+                                  error_code=exc.code or "invalid_request", message=body.get("message"))
+        return outcome_from_payment_intent(pi)
+
+    def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentOutcome:
+        pi = self._send("GET /v1/payment_intents/:id",
+                        lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
+        return outcome_from_payment_intent(pi)
+
+    def find_payment_intent(self, *, customer_id: str, attempt_id: int) -> PaymentOutcome | None:
+        """The PaymentIntent an attempt created, found by our metadata when its id never reached us
+        (a lost response, a crash, or keys pruned after 24 h). The list endpoint is read rather than
+        Search because Search is eventually consistent and may miss a minute-old PaymentIntent.
+        https://docs.stripe.com/search#data-freshness"""
+        page = self._send("GET /v1/payment_intents",
+                          lambda o: self._client.v1.payment_intents.list({"customer": customer_id, "limit": 100}, o))
+        for pi in page.get("data", []):
+            if (pi.get("metadata") or {}).get("attempt_id") == str(attempt_id):
+                return outcome_from_payment_intent(pi)
+        return None
+
+    # --- customers and cards ---------------------------------------------------------------------
+
+    def create_customer(self, *, email: str, name: str, metadata: dict[str, str] | None = None,
+                        idempotency_key: str) -> str:
+        params = {"email": email, "name": name, "metadata": metadata or {}}
+        return self._send("POST /v1/customers", lambda o: self._client.v1.customers.create(params, o),
+                          idempotency_key=idempotency_key)["id"]
+
+    def create_setup_intent(self, *, customer_id: str, payment_method: str | None,
+                            idempotency_key: str) -> SetupResult:
+        """A SetupIntent for future off-session use; with ``payment_method`` it is confirmed here.
+        Created and confirmed in two calls, which every Stripe-compatible server accepts.
+        https://docs.stripe.com/payments/save-and-reuse"""
+        params = {"customer": customer_id, "usage": "off_session", "payment_method_types": ["card"]}
+        si = self._send("POST /v1/setup_intents", lambda o: self._client.v1.setup_intents.create(params, o),
+                        idempotency_key=f"{idempotency_key}-create")
+        if not payment_method:
+            return _setup_result(si)
+        return self.confirm_setup_intent(si["id"], payment_method=payment_method,
+                                         idempotency_key=f"{idempotency_key}-confirm")
+
+    def confirm_setup_intent(self, setup_intent_id: str, *, payment_method: str, idempotency_key: str) -> SetupResult:
+        params = {"payment_method": payment_method}
+        try:
+            si = self._send("POST /v1/setup_intents/:id/confirm",
+                            lambda o: self._client.v1.setup_intents.confirm(setup_intent_id, params, o),
+                            idempotency_key=idempotency_key)
+        except stripe.CardError as exc:
+            body = (exc.json_body or {}).get("error", {})
+            si = body.get("setup_intent") or self._client.v1.setup_intents.retrieve(setup_intent_id)
+            return _setup_result(si, error=body)
+        return _setup_result(si)
+
+    def retrieve_setup_intent(self, setup_intent_id: str) -> SetupResult:
+        si = self._send("GET /v1/setup_intents/:id",
+                        lambda o: self._client.v1.setup_intents.retrieve(setup_intent_id, None, o))
+        return _setup_result(si)
+
+    def retrieve_payment_method(self, payment_method_id: str) -> CardDetails:
+        pm = self._send("GET /v1/payment_methods/:id",
+                        lambda o: self._client.v1.payment_methods.retrieve(payment_method_id, None, o))
+        return _card_details(pm)
+
+    def attach_payment_method(self, payment_method_id: str, customer_id: str) -> CardDetails:
+        pm = self._send("POST /v1/payment_methods/:id/attach",
+                        lambda o: self._client.v1.payment_methods.attach(payment_method_id,
+                                                                         {"customer": customer_id}, o),
+                        idempotency_key=f"attach-{payment_method_id}-{customer_id}")
+        return _card_details(pm)
+
+
+def build_gateway(settings: Settings, limiter: Limiter | None = None) -> StripeGateway:
+    settings.require("stripe_api_key")
+    return StripeGateway(api_key=settings.stripe_api_key, api_base=settings.stripe_api_base,
+                         limiter=limiter, timeout=settings.stripe_timeout_seconds)
+
+
+@functools.cache
+def get_gateway() -> StripeGateway:
+    """The process's gateway, sharing the Redis-backed request budget with every other worker."""
+    settings = get_settings()
+    limiter = None
+    try:
+        from billing.ratelimit import limiter_from_settings
+    except ImportError:  # pragma: no cover - only while the limiter is not installed
+        limiter_from_settings = None
+    if limiter_from_settings is not None:
+        limiter = limiter_from_settings(settings)
+    return build_gateway(settings, limiter)
