@@ -293,6 +293,56 @@ def test_setup_with_3ds_requires_action_then_succeeds(backend: Backend, number: 
         assert all(ev.data.object.id != seti.id for ev in listed.data)
 
 
+MANDATES_SUPPORTED = {
+    # https://docs.stripe.com/api/setup_intents/confirm (mandate_data),
+    # https://docs.stripe.com/api/mandates/object, https://docs.stripe.com/api/payment_intents/create
+    # (mandate): a SetupIntent confirmed with mandate_data yields a Mandate that later PaymentIntents
+    # name.
+    "sandbox": True,
+    # localstripe has no Mandate object and rejects both parameters as unexpected.
+    "localstripe": False,
+}
+
+
+def test_mandate_from_setup_is_used_off_session(backend: Backend) -> None:
+    supported = MANDATES_SUPPORTED[backend.name]
+    customer = new_customer(backend)
+    pm = new_card(backend, VISA)
+    seti = backend.client.v1.setup_intents.create({"customer": customer.id, "usage": "off_session"})
+    acceptance = {
+        "customer_acceptance": {
+            "type": "online",
+            "online": {"ip_address": "192.0.2.10", "user_agent": "Mozilla/5.0 (conformance)"},
+        }
+    }
+    confirm = {"payment_method": pm.id, "mandate_data": acceptance}
+    charge = {
+        "amount": 1200,
+        "currency": "eur",
+        "customer": customer.id,
+        "payment_method": pm.id,
+        "confirm": True,
+        "off_session": True,
+    }
+    if not supported:
+        with pytest.raises(stripe.InvalidRequestError) as excinfo:
+            backend.client.v1.setup_intents.confirm(seti.id, confirm)  # type: ignore[arg-type]
+        assert excinfo.value.http_status == 400
+        with pytest.raises(stripe.InvalidRequestError) as excinfo:
+            backend.client.v1.payment_intents.create({**charge, "mandate": "mandate_unknown"})  # type: ignore[arg-type]
+        assert excinfo.value.http_status == 400
+        return
+
+    seti = backend.client.v1.setup_intents.confirm(seti.id, confirm)  # type: ignore[arg-type]
+    assert seti.status == "succeeded"
+    assert seti.mandate.startswith("mandate_")
+    mandate = backend.client.v1.mandates.retrieve(seti.mandate)
+    assert (mandate.status, mandate.payment_method) == ("active", pm.id)
+
+    pi = backend.client.v1.payment_intents.create({**charge, "mandate": mandate.id})  # type: ignore[arg-type]
+    assert pi.status == "succeeded"
+
+
 @dataclass(frozen=True)
 class OffSession3DS:
     http_status: int  # what the off-session create answers
