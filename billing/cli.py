@@ -1,20 +1,43 @@
-"""The ``billing`` command line (Typer). Entry points hand long-running work to workers/ and sandbox/ lazily."""
+"""The ``billing`` command line (Typer). Entry points hand long-running work to workers/ and sandbox/ lazily.
+
+Every command reads the settings it needs before doing anything, so a missing or invalid variable is
+one ``error:`` line naming it and exit status 2 (:class:`~billing.settings.ConfigError`).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import sys
+import time
+from collections import Counter
+from datetime import UTC, datetime
 
 import typer
 
-from billing.settings import ConfigError
+from billing.settings import ConfigError, Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Recurring off-session billing on Stripe.")
+
+# A charge in one of these has not been decided yet: `run-due --wait` waits for it to leave them.
+IN_FLIGHT = ("pending", "processing")
 
 
 def fail(message: str, code: int = 2) -> None:
     """One clear error line on stderr, then exit."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def settings_for(*required: str) -> Settings:
+    return get_settings().require(*required)
+
+
+@app.callback()
+def _root() -> None:
+    """Recurring off-session billing on Stripe."""
+    # A callback keeps Typer treating the commands as subcommands, however many there are.
 
 
 @app.command()
@@ -49,7 +72,139 @@ def sandbox(
     )
 
 
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (Alembic) up to head."""
+    from billing import migrate as migrations
+    from billing.db import resolve_database_url
+
+    migrations.upgrade(resolve_database_url(settings_for()))
+    typer.echo("database is at head")
+
+
+@app.command()
+def web(
+    host: str = typer.Option("127.0.0.1", help="address to bind"),
+    port: int = typer.Option(8000, help="port to listen on"),
+) -> None:
+    """Serve the HTTP app: JSON API, webhook endpoint, customer pages, finance console."""
+    import uvicorn
+
+    settings_for("stripe_api_key")
+    uvicorn.run("billing.web.app:create_app", factory=True, host=host, port=port, proxy_headers=True,
+                log_level="info")
+
+
+@app.command()
+def worker(
+    concurrency: int = typer.Option(16, min=1, help="charges processed at once (threads)"),
+    loglevel: str = typer.Option("INFO", help="log level"),
+) -> None:
+    """Run a Celery worker (threads pool: charging waits on Stripe and the database, not the CPU)."""
+    settings_for("stripe_api_key")
+    from workers.celery_app import app as celery_app
+
+    celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
+                            f"--hostname=billing-{os.getpid()}@%h", "--without-mingle", "--without-gossip"])
+
+
+@app.command()
+def beat(loglevel: str = typer.Option("INFO", help="log level")) -> None:
+    """Run the scheduler. Start one per machine if you like: a Redis lock lets exactly one send tasks."""
+    settings_for()
+    from workers.celery_app import app as celery_app
+
+    celery_app.start(["beat", "--scheduler=redbeat.RedBeatScheduler", f"--loglevel={loglevel}"])
+
+
+def parse_now(value: str | None) -> datetime | None:
+    """An ISO 8601 instant; without an offset it is taken as UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"--now is not an ISO 8601 date-time: {value!r} (e.g. 2025-01-31T09:00:00Z)")
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@app.command("run-due")
+def run_due(
+    wait: bool = typer.Option(False, "--wait", help="block until every charge started has been decided"),
+    now: str | None = typer.Option(None, "--now", help="pretend it is this ISO 8601 instant when finding due periods"),
+    timeout: float = typer.Option(900.0, help="with --wait: give up after this many seconds (exit 1)"),
+) -> None:
+    """Run the billing once now (what beat triggers every billing run interval)."""
+    at = parse_now(now)
+    settings_for("stripe_api_key")
+    from billing import charging
+    from workers.tasks import enqueue_charge
+
+    report = charging.run_due(now=at, enqueue=enqueue_charge)
+    started = list(report.created)
+    typer.echo(f"started {len(started)} charge(s)"
+               + (f"; {len(report.failed_subscriptions)} subscription(s) failed, see the log"
+                  if report.failed_subscriptions else ""))
+    if not wait or not started:
+        return
+    statuses = _wait_for(started, timeout)
+    summary = Counter(statuses.values())
+    typer.echo("summary: " + ", ".join(f"{status} {n}" for status, n in sorted(summary.items())))
+    if any(s in IN_FLIGHT for s in statuses.values()):
+        fail(f"{sum(summary[s] for s in IN_FLIGHT)} charge(s) still in flight after {timeout:.0f}s", code=1)
+
+
+def _wait_for(charge_ids: list[int], timeout: float) -> dict[int, str]:
+    """Poll the charges' statuses until none is in flight (or the timeout), with a progress line."""
+    from sqlalchemy import select
+
+    from billing.db import unit_of_work
+    from billing.models import Charge
+
+    deadline = time.monotonic() + timeout
+    tty = sys.stderr.isatty()
+    last = ""
+    while True:
+        with unit_of_work() as uow:
+            rows = uow.session.execute(select(Charge.id, Charge.status).where(Charge.id.in_(charge_ids))).all()
+        statuses = dict(rows)
+        done = sum(1 for s in statuses.values() if s not in IN_FLIGHT)
+        line = f"{done}/{len(charge_ids)} decided"
+        if line != last:
+            typer.echo(("\r" if tty else "") + line, err=True, nl=not tty)
+            last = line
+        if done == len(charge_ids) or time.monotonic() > deadline:
+            if tty:
+                typer.echo("", err=True)
+            return statuses
+        time.sleep(0.5)
+
+
+QUEUE_COLUMNS = ("charge", "customer", "amount", "currency", "status", "attempts", "last error", "next retry",
+                 "notified")
+
+
+@app.command()
+def queue(as_json: bool = typer.Option(False, "--json", help="one JSON array instead of a table")) -> None:
+    """Show the retry queue: every charge not paid (or voided) now, soonest retry first."""
+    settings_for()
+    from billing.queue import unpaid_charges
+
+    rows = unpaid_charges()
+    if as_json:
+        typer.echo(json.dumps([row.as_json() for row in rows], indent=2))
+        return
+    if not rows:
+        typer.echo("the retry queue is empty")
+        return
+    table = [QUEUE_COLUMNS] + [row.as_cells() for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(QUEUE_COLUMNS))]
+    for r in table:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
 def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
     except ConfigError as exc:
