@@ -1,0 +1,65 @@
+"""Celery tasks: thin. Each takes IDs, calls one billing/ function, and owns nothing else.
+
+The billing functions open their own units of work, contain per-item failures (they log them), and
+enqueue follow-up work only after their transactions commit, through the ``enqueue`` callable they
+are handed here. That callable is the only place that knows about Celery.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from billing import charging, notifications, reconciler
+from billing.outcomes import TemporaryStripeError
+from workers.celery_app import CHARGE_RETRY_MAX_COUNTDOWN, app
+
+log = logging.getLogger(__name__)
+
+CHARGE_MAX_RETRIES = 10
+
+
+def enqueue_charge(charge_id: int) -> None:
+    charge_attempt.delay(charge_id)
+
+
+def retry_countdown(retries: int) -> float:
+    """Exponential backoff with jitter (5 s, 10 s, 20 s, … capped), so retries of many charges that
+    failed together (a Stripe outage) do not come back in one wave."""
+    base = min(CHARGE_RETRY_MAX_COUNTDOWN, 5 * 2**retries)
+    return base / 2 + random.uniform(0, base / 2)
+
+
+@app.task(ignore_result=True)
+def run_billing() -> None:
+    report = charging.run_due(enqueue=enqueue_charge)
+    log.info("billing run finished", extra={"report": repr(report)})
+
+
+@app.task(bind=True, ignore_result=True, max_retries=CHARGE_MAX_RETRIES)
+def charge_attempt(self, charge_id: int) -> None:
+    try:
+        charging.process_charge(charge_id)
+    except TemporaryStripeError as exc:
+        # The attempt row keeps its idempotency key, so the retry resends the same request.
+        if self.request.retries >= self.max_retries:
+            log.warning("charge attempt still failing temporarily; left to the reconciler",
+                        extra={"charge_id": charge_id, "error": type(exc).__name__})
+            return
+        raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
+
+
+@app.task(ignore_result=True)
+def retry_due_charges() -> None:
+    charging.retry_due(now=None, enqueue=enqueue_charge)
+
+
+@app.task(ignore_result=True)
+def reconcile() -> None:
+    report = reconciler.sweep(enqueue=enqueue_charge)
+    log.info("reconciler sweep finished", extra={"report": repr(report)})
+
+
+@app.task(ignore_result=True)
+def relay_outbox() -> None:
+    notifications.relay_due()
