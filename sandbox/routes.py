@@ -35,7 +35,7 @@ class Route:
 
 
 def paginate(state: State, items: list[dict], params: dict[str, Any], url: str) -> dict[str, Any]:
-    items = sorted(items, key=lambda o: o.get("created", 0), reverse=True) if items else []
+    items = list(reversed(items))  # stores keep creation order; lists are newest first
     try:
         limit = int(params.get("limit") or 10)
     except ValueError:
@@ -67,8 +67,7 @@ def _list(fn: Callable[[State, dict], list[dict]], url: str) -> Handler:
 
 
 def _search(s: State, p: dict, ids: tuple[str, ...], req: dict) -> dict:
-    results = s.search_payment_intents(p.get("query", ""))
-    results.sort(key=lambda o: o["created"], reverse=True)
+    results = list(reversed(s.search_payment_intents(p.get("query", ""))))
     limit = int(p.get("limit") or 10)
     offset = int(p["page"]) if str(p.get("page", "")).isdigit() else 0
     page = results[offset:offset + limit]
