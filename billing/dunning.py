@@ -149,8 +149,9 @@ def classify_decline(decline_code: str | None, advice_code: str | None = None,
 def explain_decline(decline_code: str | None, advice_code: str | None = None,
                     error_code: str | None = None) -> str:
     """Plain words for the customer's email (never Stripe's raw message, which may name fraud rules)."""
-    if advice_code in ADVICE_TABLE and ADVICE_TABLE[advice_code][1]:
-        return ADVICE_TABLE[advice_code][1]  # type: ignore[return-value]
+    advice_words = ADVICE_TABLE[advice_code][1] if advice_code in ADVICE_TABLE else None
+    if advice_words:
+        return advice_words
     for code in (decline_code, error_code):
         if code in DECLINE_TABLE:
             return DECLINE_TABLE[code][1]

@@ -62,7 +62,7 @@ _FORBIDDEN_CONTEXT_WORDS = ("token", "secret", "link", "url", "password")
 BACKOFF_BASE = timedelta(minutes=1)
 BACKOFF_CAP = timedelta(hours=1)
 # Below the database's idle-in-transaction timeout (60 s): the row lock is held while SMTP talks.
-SMTP_TIMEOUT_SECONDS = 20.0
+SMTP_TIMEOUT_SECONDS = 15.0
 
 SUBJECTS: dict[NotificationKind, str] = {
     NotificationKind.authentication_required: "Action needed: authenticate your payment to {{ merchant_name }}",
