@@ -1,0 +1,369 @@
+"""The billing run: find due → open the period's charge → claim → attempt phases → apply the outcome.
+
+Each subscription period has one ``charges`` row (unique subscription + period) and is charged at
+most once. Money moves in atomic phases with recovery points (brandur's rocket-rides-atomic):
+
+1. **claim** (one transaction): lock the charge ``FOR UPDATE SKIP LOCKED``, create the attempt row,
+   whose id gives *our* idempotency key ``attempt-<id>``, or find the unfinished one a crashed worker
+   left behind; mark the charge ``processing``; commit.
+2. **call Stripe** outside any transaction, through :mod:`billing.stripe_gateway`, with that key.
+   A resumed attempt first asks Stripe for a PaymentIntent carrying our ``attempt_id`` metadata, so
+   a request whose response was lost is never sent as a second PaymentIntent, even where the
+   server ignores idempotency keys or has pruned them.
+3. **apply** (one transaction): record the outcome on the attempt, let the dunning policy decide
+   the next step, write the outbox rows for emails; commit.
+
+Retries of a period re-confirm the PaymentIntent the period already has: a PaymentIntent succeeds at
+most once, which is the last line of defence against charging a period twice.
+
+Nothing here imports Celery: callers pass ``enqueue`` (a function taking a charge id), which runs
+only after the transaction that created the work has committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
+
+from billing import dunning, notifications
+from billing.db import get_engine, unit_of_work
+from billing.models import (
+    FINAL_CHARGE_STATUSES,
+    Attempt,
+    AttemptPhase,
+    Charge,
+    ChargeStatus,
+    Customer,
+    PaymentMethod,
+    Subscription,
+    SubscriptionStatus,
+)
+from billing.outcomes import OutcomeKind, PaymentOutcome
+from billing.periods import period_bounds
+from billing.settings import get_settings
+
+log = logging.getLogger(__name__)
+
+Enqueue = Callable[[int], None]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def dunning_config() -> dunning.DunningConfig:
+    return dunning.DunningConfig.from_settings(get_settings())
+
+
+# --- the run: open due periods ---------------------------------------------------------------------
+
+@dataclass
+class RunReport:
+    created: list[int] = field(default_factory=list)
+    failed_subscriptions: list[int] = field(default_factory=list)
+
+
+def run_due(*, now: datetime | None = None, enqueue: Enqueue, batch_size: int = 500) -> RunReport:
+    """Open the charge of every subscription whose next period has started, and enqueue it.
+
+    Batches lock their subscriptions with ``SKIP LOCKED``, so concurrent runs (two beats, a manual
+    ``run-due`` beside the scheduled one) split the work instead of repeating it; the unique
+    (subscription, period) constraint is the backstop. One period per subscription per run: a
+    subscription that is several periods behind catches up one period a run.
+    """
+    now = now or utcnow()
+    report = RunReport()
+    seen: set[int] = set()
+    while True:
+        with unit_of_work() as uow:
+            subs = uow.session.scalars(
+                select(Subscription)
+                .where(Subscription.status == SubscriptionStatus.active, Subscription.next_charge_at <= now,
+                       Subscription.id.not_in(seen) if seen else True)
+                .order_by(Subscription.next_charge_at)
+                .limit(batch_size)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not subs:
+                return report
+            created: list[int] = []
+            for sub in subs:
+                seen.add(sub.id)
+                try:
+                    with uow.session.begin_nested():
+                        created.append(_open_period(uow.session, sub).id)
+                except Exception:
+                    # One bad subscription never stops a run (practice 8).
+                    log.exception("could not open a period", extra={"subscription_id": sub.id})
+                    report.failed_subscriptions.append(sub.id)
+            uow.after_commit(lambda ids=tuple(created): enqueue_all(enqueue, ids))
+            uow.commit()
+            report.created.extend(created)
+
+
+def _open_period(session: Session, sub: Subscription) -> Charge:
+    start, end = period_bounds(sub.anchor_at, sub.interval, sub.interval_count, sub.next_period_index)
+    charge = Charge(subscription_id=sub.id, period_index=sub.next_period_index, period_start=start,
+                    period_end=end, amount=sub.amount, currency=sub.currency, status=ChargeStatus.pending)
+    session.add(charge)
+    sub.next_period_index += 1
+    sub.current_period_start, sub.current_period_end = start, end
+    sub.next_charge_at = end
+    session.flush()
+    return charge
+
+
+def enqueue_all(enqueue: Enqueue, charge_ids: tuple[int, ...]) -> None:
+    for charge_id in charge_ids:
+        try:
+            enqueue(charge_id)
+        except Exception:
+            # The charge stays pending; the reconciler's sweep enqueues it again.
+            log.exception("could not enqueue a charge", extra={"charge_id": charge_id})
+
+
+def retry_due(*, now: datetime | None = None, enqueue: Enqueue, limit: int = 1000) -> list[int]:
+    """Enqueue the charges whose scheduled dunning retry has come (index ``ix_charges_retry_due``)."""
+    now = now or utcnow()
+    with unit_of_work() as uow:
+        ids = uow.session.scalars(
+            select(Charge.id).where(Charge.status == ChargeStatus.requires_payment_method,
+                                    Charge.retry_paused.is_(False), Charge.next_retry_at <= now)
+            .order_by(Charge.next_retry_at).limit(limit)
+        ).all()
+    enqueue_all(enqueue, tuple(ids))
+    return list(ids)
+
+
+# --- one charge: claim → Stripe → apply ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class Claim:
+    """What the Stripe call needs, read in the claim transaction (no ORM objects cross phases)."""
+
+    charge_id: int
+    attempt_id: int
+    attempt_number: int
+    idempotency_key: str
+    resumed: bool
+    amount: int
+    currency: str
+    stripe_customer_id: str | None
+    stripe_payment_method_id: str | None
+    mandate_id: str | None
+    payment_intent_id: str | None
+    metadata: dict[str, str]
+
+
+def process_charge(charge_id: int, *, gateway=None, now: datetime | None = None, manual: bool = False) -> str:
+    """Run one attempt at a charge, resuming an unfinished one. Returns what happened, in a word.
+
+    ``manual`` lets a staff "retry now" run a retry before its scheduled time; every other rule
+    (final states, pauses of nothing else, the claim lock) is the same path as the scheduled run.
+    Raises :class:`~billing.outcomes.TemporaryStripeError` when Stripe could not be reached: the
+    attempt stays ``started`` and a later call resumes it with the same key.
+    """
+    if gateway is None:
+        from billing.stripe_gateway import get_gateway
+
+        gateway = get_gateway()
+    with in_flight(charge_id) as ours:
+        if not ours:
+            return "busy"
+        claim = _claim(charge_id, now or utcnow(), manual)
+        if isinstance(claim, str):
+            return claim
+        outcome = _call_stripe(gateway, claim)
+        return _finish(claim, outcome, now or utcnow())
+
+
+_LOCK_NAMESPACE = 0x6269 << 48  # keeps these advisory lock keys apart from any other use
+
+
+@contextlib.contextmanager
+def in_flight(charge_id: int) -> Iterator[bool]:
+    """Mark a charge as being worked on for as long as this process lives.
+
+    A session-level advisory lock on its own connection, held across the Stripe call: a second
+    delivery of the same task sees ``False`` and leaves, while the unfinished attempt of a worker
+    that was killed is free to resume at once, because PostgreSQL drops the lock with the dead
+    connection. No lease to guess, no clock to trust.
+    """
+    key = _LOCK_NAMESPACE | charge_id
+    with get_engine().connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar_one()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+
+
+def _chargeable(charge: Charge, now: datetime, manual: bool) -> bool:
+    if charge.status == ChargeStatus.pending:
+        return True
+    if charge.status == ChargeStatus.requires_payment_method:
+        if manual:
+            return True
+        return not charge.retry_paused and charge.next_retry_at is not None and charge.next_retry_at <= now
+    return False
+
+
+def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
+    with unit_of_work() as uow:
+        s = uow.session
+        charge = s.scalars(select(Charge).where(Charge.id == charge_id).with_for_update(skip_locked=True)).first()
+        if charge is None:
+            return "busy" if s.get(Charge, charge_id, populate_existing=True) is not None else "missing"
+        attempt = s.scalars(select(Attempt).where(Attempt.charge_id == charge.id,
+                                                  Attempt.phase == AttemptPhase.started)).first()
+        resumed = attempt is not None
+        if attempt is None:
+            if not _chargeable(charge, now, manual):
+                return f"skipped:{charge.status}"
+            attempt = _new_attempt(s, charge)
+        sub = s.get(Subscription, charge.subscription_id)
+        customer = s.get(Customer, sub.customer_id)
+        pm = _payment_method_for(s, sub, customer)
+        if not resumed:
+            attempt.payment_method_id = pm.id if pm else None
+            attempt.stripe_payment_method_id = pm.stripe_payment_method_id if pm else None
+            charge.status = ChargeStatus.processing
+            charge.attempts = attempt.number
+            charge.updated_at = now
+        claim = Claim(
+            charge_id=charge.id, attempt_id=attempt.id, attempt_number=attempt.number,
+            idempotency_key=attempt.idempotency_key, resumed=resumed, amount=charge.amount,
+            currency=charge.currency, stripe_customer_id=customer.stripe_customer_id,
+            stripe_payment_method_id=attempt.stripe_payment_method_id,
+            mandate_id=pm.mandate_id if pm and pm.id == attempt.payment_method_id else None,
+            payment_intent_id=charge.payment_intent_id,
+            metadata={"charge_id": str(charge.id), "attempt_id": str(attempt.id),
+                      "subscription_id": str(sub.id), "period_start": charge.period_start.isoformat()},
+        )
+        uow.commit()
+    return claim
+
+
+def _new_attempt(s: Session, charge: Charge) -> Attempt:
+    # The key is derived from the row's own id, so the id is drawn before the insert.
+    attempt_id = s.execute(text("SELECT nextval(pg_get_serial_sequence('attempts', 'id'))")).scalar_one()
+    attempt = Attempt(id=attempt_id, charge_id=charge.id, number=charge.attempts + 1,
+                      idempotency_key=f"attempt-{attempt_id}", phase=AttemptPhase.started)
+    s.add(attempt)
+    s.flush()
+    return attempt
+
+
+def _payment_method_for(s: Session, sub: Subscription, customer: Customer) -> PaymentMethod | None:
+    """The subscription's card, else the customer's default; a detached card is no card."""
+    for pm_id in (sub.payment_method_id, customer.default_payment_method_id):
+        if pm_id is not None:
+            pm = s.get(PaymentMethod, pm_id)
+            if pm is not None and pm.detached_at is None:
+                return pm
+    return None
+
+
+def _call_stripe(gateway, claim: Claim) -> PaymentOutcome:
+    if not claim.stripe_customer_id or not claim.stripe_payment_method_id:
+        return PaymentOutcome(kind=OutcomeKind.invalid_request, error_code="no_payment_method",
+                              message="no usable saved card for this subscription")
+    if claim.payment_intent_id:
+        # A PaymentIntent can succeed only once, so re-confirming it is safe even when resumed.
+        return gateway.confirm_off_session(payment_intent_id=claim.payment_intent_id,
+                                           payment_method_id=claim.stripe_payment_method_id,
+                                           mandate_id=claim.mandate_id, idempotency_key=claim.idempotency_key)
+    if claim.resumed:
+        found = gateway.find_payment_intent(customer_id=claim.stripe_customer_id, attempt_id=claim.attempt_id)
+        if found is not None:
+            log.info("resumed attempt found its PaymentIntent", extra={"charge_id": claim.charge_id,
+                                                                       "attempt_id": claim.attempt_id})
+            return found
+    return gateway.charge_off_session(customer_id=claim.stripe_customer_id,
+                                      payment_method_id=claim.stripe_payment_method_id, amount=claim.amount,
+                                      currency=claim.currency, mandate_id=claim.mandate_id,
+                                      metadata=claim.metadata, idempotency_key=claim.idempotency_key)
+
+
+def _finish(claim: Claim, outcome: PaymentOutcome, now: datetime) -> str:
+    with unit_of_work() as uow:
+        s = uow.session
+        charge = s.scalars(select(Charge).where(Charge.id == claim.charge_id).with_for_update()).one()
+        attempt = s.get(Attempt, claim.attempt_id, populate_existing=True)
+        if attempt.phase == AttemptPhase.finished:
+            return "already-finished"
+        record_attempt_outcome(attempt, outcome, now)
+        if outcome.payment_intent_id and not charge.payment_intent_id:
+            charge.payment_intent_id = outcome.payment_intent_id
+        result = apply_outcome(s, charge, outcome, now=now, attempt_number=attempt.number)
+        uow.commit()
+    log.info("charge attempt finished", extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id,
+                                               "outcome": outcome.kind.value, "decline_code": outcome.decline_code})
+    return result
+
+
+def record_attempt_outcome(attempt: Attempt, outcome: PaymentOutcome, now: datetime) -> None:
+    attempt.phase = AttemptPhase.finished
+    attempt.finished_at = now
+    attempt.outcome = outcome.kind.value
+    attempt.payment_intent_id = outcome.payment_intent_id or attempt.payment_intent_id
+    attempt.error_code = outcome.error_code
+    attempt.decline_code = outcome.decline_code
+    attempt.advice_code = outcome.advice_code
+    attempt.message = outcome.message
+
+
+# --- applying an outcome: the one place a charge changes state after Stripe answered -------------
+
+def apply_outcome(s: Session, charge: Charge, outcome: PaymentOutcome, *, now: datetime,
+                  attempt_number: int | None = None) -> str:
+    """Move a locked charge (and its subscription) to where the dunning policy says, and write the
+    emails to the outbox in this same transaction. Used by the charge task, webhooks, the
+    reconciler and the recovery page, so every path decides the same way.
+
+    A charge in a final state stays there: a late or duplicated outcome changes nothing.
+    """
+    if charge.status in FINAL_CHARGE_STATUSES:
+        return f"ignored:{charge.status}"
+    sub = s.get(Subscription, charge.subscription_id)
+    customer = s.get(Customer, sub.customer_id)
+    number = attempt_number or charge.attempts or 1
+    decision = dunning.decide(outcome, attempt_number=number, first_failed_at=charge.first_failed_at, now=now,
+                              config=dunning_config())
+    if outcome.is_failure:
+        charge.last_error_code = outcome.error_code
+        charge.last_decline_code = outcome.decline_code
+        charge.last_advice_code = outcome.advice_code
+    apply_decision(s, charge, sub, customer, decision, now=now, number=number)
+    if decision.alert:
+        log.error("charge failed on a request Stripe refused; check the card or customer",
+                  extra={"charge_id": charge.id, "code": outcome.error_code})
+    return str(decision.charge_status)
+
+
+def apply_decision(s: Session, charge: Charge, sub: Subscription, customer: Customer, decision: dunning.Decision,
+                   *, now: datetime, number: int) -> None:
+    """Write a dunning decision onto the charge and its subscription, and its emails to the outbox."""
+    charge.first_failed_at = decision.first_failed_at
+    charge.status = decision.charge_status
+    charge.updated_at = now
+    charge.next_retry_at = decision.next_retry_at
+    if decision.charge_status == ChargeStatus.paid:
+        charge.paid_at = now
+    if sub.status != SubscriptionStatus.canceled:
+        sub.status = decision.subscription_status
+    notifications.enqueue_decision(s, decision, charge=charge, customer=customer, attempt_number=number)
+
+
+def mark_touched(s: Session, charge_ids: list[int], now: datetime) -> None:
+    """Refresh ``updated_at`` so the stale-charge sweep does not enqueue these again right away."""
+    if charge_ids:
+        s.execute(update(Charge).where(Charge.id.in_(charge_ids)).values(updated_at=now))

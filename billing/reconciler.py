@@ -1,0 +1,130 @@
+"""The reconciler: settles what a crash, a lost response or a lost task left in between.
+
+It never creates a PaymentIntent itself. It finds
+
+* charges still ``pending`` long after their period opened (the enqueue after commit was lost)
+  and attempts a worker left ``started`` (it died mid-call, the outcome is unknown): both are
+  enqueued again, and the charge task resumes them — looking the PaymentIntent up by our metadata
+  before it would send anything (Kill Bill's Janitor settles UNKNOWN payments the same way);
+* charges ``processing`` at Stripe (ACH-like settlement, or a webhook that never came): the
+  PaymentIntent is retrieved and its outcome applied;
+* charges waiting on the customer past the dunning horizon: given up (``uncollectible``), with the
+  final notice.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, select
+
+from billing import charging, dunning
+from billing.db import unit_of_work
+from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Customer, Subscription
+from billing.outcomes import OutcomeKind, TemporaryStripeError
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER = timedelta(minutes=5)
+
+
+@dataclass
+class SweepReport:
+    requeued: list[int] = field(default_factory=list)
+    settled: list[int] = field(default_factory=list)
+    given_up: list[int] = field(default_factory=list)
+
+
+def sweep(*, now: datetime | None = None, enqueue: charging.Enqueue, gateway=None,
+          stale_after: timedelta = STALE_AFTER) -> SweepReport:
+    now = now or charging.utcnow()
+    report = SweepReport()
+    report.requeued = requeue_stale(now=now, enqueue=enqueue, stale_after=stale_after)
+    report.settled = settle_processing(now=now, gateway=gateway, stale_after=stale_after)
+    report.given_up = give_up_overdue(now=now)
+    if report.requeued or report.settled or report.given_up:
+        log.info("reconciler findings", extra={"requeued": len(report.requeued), "settled": len(report.settled),
+                                               "given_up": len(report.given_up)})
+    return report
+
+
+def _unfinished_attempt():
+    return exists().where(Attempt.charge_id == Charge.id, Attempt.phase == AttemptPhase.started)
+
+
+def requeue_stale(*, now: datetime, enqueue: charging.Enqueue, stale_after: timedelta = STALE_AFTER,
+                  limit: int = 1000) -> list[int]:
+    """Pending charges nobody picked up, and processing charges whose attempt never finished."""
+    cutoff = now - stale_after
+    with unit_of_work() as uow:
+        ids = list(uow.session.scalars(
+            select(Charge.id).where(
+                Charge.updated_at < cutoff,
+                (Charge.status == ChargeStatus.pending)
+                | ((Charge.status == ChargeStatus.processing) & _unfinished_attempt()))
+            .order_by(Charge.updated_at).limit(limit)))
+        # Touch them so the next sweep gives this round's tasks time to run.
+        charging.mark_touched(uow.session, ids, now)
+        uow.after_commit(lambda: charging.enqueue_all(enqueue, tuple(ids)))
+        uow.commit()
+    return ids
+
+
+def settle_processing(*, now: datetime, gateway=None, stale_after: timedelta = STALE_AFTER,
+                      limit: int = 200) -> list[int]:
+    """Processing charges whose attempt finished as ``processing``: ask Stripe how it ended."""
+    cutoff = now - stale_after
+    with unit_of_work() as uow:
+        rows = uow.session.execute(
+            select(Charge.id, Charge.payment_intent_id).where(
+                Charge.status == ChargeStatus.processing, Charge.updated_at < cutoff,
+                Charge.payment_intent_id.is_not(None), ~_unfinished_attempt())
+            .order_by(Charge.updated_at).limit(limit)).all()
+    if not rows:
+        return []
+    if gateway is None:
+        from billing.stripe_gateway import get_gateway
+
+        gateway = get_gateway()
+    settled = []
+    for charge_id, pi_id in rows:
+        try:
+            outcome = gateway.retrieve_payment_intent(pi_id)
+        except TemporaryStripeError:
+            log.warning("could not reach Stripe to settle a charge", extra={"charge_id": charge_id})
+            continue
+        with unit_of_work() as uow:
+            charge = uow.session.scalars(select(Charge).where(Charge.id == charge_id).with_for_update()).one()
+            if outcome.kind is OutcomeKind.processing:
+                charging.mark_touched(uow.session, [charge_id], now)
+            elif charge.status == ChargeStatus.processing:
+                charging.apply_outcome(uow.session, charge, outcome, now=now)
+                settled.append(charge_id)
+            uow.commit()
+    return settled
+
+
+def give_up_overdue(*, now: datetime, limit: int = 1000) -> list[int]:
+    """Charges waiting on the customer (authentication, a new card) whose horizon has passed."""
+    config = charging.dunning_config()
+    cutoff = now - config.give_up_after
+    given_up = []
+    with unit_of_work() as uow:
+        s = uow.session
+        charges = s.scalars(
+            select(Charge).where(
+                Charge.status.in_([ChargeStatus.authentication_required, ChargeStatus.requires_payment_method]),
+                Charge.first_failed_at <= cutoff)
+            .order_by(Charge.first_failed_at).limit(limit).with_for_update(skip_locked=True)).all()
+        for charge in charges:
+            decision = dunning.decide_give_up(charge.first_failed_at, now, config)
+            if decision is None:
+                continue
+            sub = s.get(Subscription, charge.subscription_id)
+            customer = s.get(Customer, sub.customer_id)
+            charging.apply_decision(s, charge, sub, customer, decision, now=now, number=charge.attempts or 1)
+            given_up.append(charge.id)
+        uow.commit()
+    return given_up

@@ -1,0 +1,202 @@
+"""The charging phases on real PostgreSQL with a hand-written fake gateway: claim, resume, apply.
+
+End-to-end runs through real workers and the sandbox are in test_billing_e2e.py; these pin down the
+recovery points one by one, including a crash between every two phases."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from billing import charging, reconciler
+from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Notification, Subscription
+from billing.outcomes import TemporaryStripeError
+from tests import factories
+from tests.fakes import FakeGateway, auth_required, declined
+
+NOW = datetime(2026, 3, 31, 12, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def sub_id(clean_db, session_factory):
+    with session_factory() as s:
+        customer = factories.make_customer(s)
+        factories.make_payment_method(s, customer)
+        sub = factories.make_subscription(s, customer, amount=1999, currency="eur", interval="month",
+                                          anchor_at=datetime(2026, 1, 31, tzinfo=UTC),
+                                          next_charge_at=datetime(2026, 1, 31, tzinfo=UTC))
+        s.commit()
+        return sub.id
+
+
+def one_charge(session_factory) -> Charge:
+    with session_factory() as s:
+        return s.scalars(select(Charge)).one()
+
+
+def test_run_opens_each_due_period_once_and_enqueues_after_commit(sub_id, session_factory):
+    enqueued = []
+    report = charging.run_due(now=NOW, enqueue=enqueued.append)
+    assert report.created == enqueued and len(enqueued) == 1
+    report2 = charging.run_due(now=NOW, enqueue=enqueued.append)  # next period is Feb 28, also due
+    report3 = charging.run_due(now=NOW, enqueue=enqueued.append)  # Mar 31: due at 00:00, NOW is noon
+    assert len(report2.created) == 1 and len(report3.created) == 1
+    assert charging.run_due(now=NOW, enqueue=enqueued.append).created == []  # Apr 30 is not due
+    with session_factory() as s:
+        starts = s.scalars(select(Charge.period_start).order_by(Charge.period_index)).all()
+        sub = s.get(Subscription, sub_id)
+    assert [d.date().isoformat() for d in starts] == ["2026-01-31", "2026-02-28", "2026-03-31"]
+    assert sub.next_charge_at == datetime(2026, 4, 30, tzinfo=UTC)
+
+
+def test_concurrent_runs_open_a_period_once(sub_id, session_factory):
+    enqueued: list[int] = []
+    barrier = threading.Barrier(4)
+
+    def run():
+        barrier.wait()
+        charging.run_due(now=datetime(2026, 2, 1, tzinfo=UTC), enqueue=enqueued.append)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with session_factory() as s:
+        assert s.scalar(select(func.count()).select_from(Charge)) == 1
+    assert len(enqueued) == 1
+
+
+def test_success_marks_paid_with_our_key_and_metadata(sub_id, session_factory):
+    gw = FakeGateway()
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "paid"
+    charge = one_charge(session_factory)
+    assert charge.status == ChargeStatus.paid and charge.payment_intent_id == "pi_fake_1"
+    kind, params = gw.calls[0]
+    with session_factory() as s:
+        attempt = s.scalars(select(Attempt)).one()
+    assert kind == "create" and params["key"] == f"attempt-{attempt.id}" == attempt.idempotency_key
+    assert params["metadata"]["charge_id"] == str(charge_id)
+    assert params["metadata"]["attempt_id"] == str(attempt.id)
+    assert params["amount"] == 1999 and params["currency"] == "eur"
+    assert attempt.phase == AttemptPhase.finished
+    # A redelivered task finds nothing left to do.
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "skipped:paid"
+    assert gw.created() == 1
+
+
+def test_crash_after_claim_resumes_with_same_key_and_looks_up_first(sub_id, session_factory):
+    gw = FakeGateway()
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    claim = charging._claim(charge_id, NOW, manual=False)  # the worker dies right after this commit
+    assert one_charge(session_factory).status == ChargeStatus.processing
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "paid"
+    assert [c[0] for c in gw.calls] == ["find", "create"]
+    assert gw.calls[1][1]["key"] == claim.idempotency_key
+    assert gw.created() == 1
+
+
+def test_response_lost_after_stripe_processed_it_charges_once(sub_id, session_factory):
+    gw = FakeGateway(fail_next=["after"])
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    with pytest.raises(TemporaryStripeError):
+        charging.process_charge(charge_id, gateway=gw, now=NOW)
+    with session_factory() as s:
+        attempt = s.scalars(select(Attempt)).one()
+        assert attempt.phase == AttemptPhase.started
+    # The retried task finds the PaymentIntent by our metadata instead of creating another.
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "paid"
+    assert gw.created() == 1 and [c[0] for c in gw.calls] == ["create", "find"]
+
+
+def test_crash_after_stripe_before_apply_is_settled_by_the_reconciler(sub_id, session_factory):
+    gw = FakeGateway()
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    claim = charging._claim(charge_id, NOW, manual=False)
+    charging._call_stripe(gw, claim)  # charged at Stripe; the worker dies before recording it
+    enqueued: list[int] = []
+    later = NOW + timedelta(minutes=10)
+    report = reconciler.sweep(now=later, enqueue=enqueued.append, gateway=gw)
+    assert report.requeued == [charge_id] == enqueued
+    assert charging.process_charge(charge_id, gateway=gw, now=later) == "paid"
+    assert gw.created() == 1
+
+
+def test_soft_decline_schedules_retry_on_same_payment_intent_and_emails_once(sub_id, session_factory):
+    outcomes = [declined("insufficient_funds"), declined("insufficient_funds"), None]
+    gw = FakeGateway(script=lambda pm: outcomes.pop(0))
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "requires_payment_method"
+    charge = one_charge(session_factory)
+    assert charge.last_decline_code == "insufficient_funds" and charge.next_retry_at > NOW
+    # Not due yet: the retry sweep leaves it alone.
+    assert charging.retry_due(now=NOW, enqueue=lambda _id: None) == []
+    retry_at = charge.next_retry_at
+    assert charging.retry_due(now=retry_at, enqueue=lambda _id: None) == [charge_id]
+    assert charging.process_charge(charge_id, gateway=gw, now=retry_at) == "requires_payment_method"
+    retry_at2 = one_charge(session_factory).next_retry_at
+    assert retry_at2 > retry_at
+    assert charging.process_charge(charge_id, gateway=gw, now=retry_at2) == "paid"
+    assert [c[0] for c in gw.calls] == ["create", "confirm", "confirm"]
+    assert {c[1]["pi"] for c in gw.calls[1:]} == {"pi_fake_1"}
+    keys = [c[1]["key"] for c in gw.calls]
+    assert len(set(keys)) == 3  # one key per attempt
+    with session_factory() as s:
+        kinds = s.scalars(select(Notification.kind).order_by(Notification.id)).all()
+        sub = s.get(Subscription, sub_id)
+    assert kinds == ["payment_failed"]
+    assert sub.status == "active"
+
+
+def test_authentication_required_waits_for_customer_and_gives_up_at_horizon(sub_id, session_factory):
+    gw = FakeGateway(script=lambda pm: auth_required())
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "authentication_required"
+    assert charging.retry_due(now=NOW + timedelta(days=30), enqueue=lambda _id: None) == []
+    with session_factory() as s:
+        assert s.get(Subscription, sub_id).status == "past_due"
+        notes = s.scalars(select(Notification.kind)).all()
+    assert notes.count("authentication_required") == 1 and "reminder" in notes
+    assert reconciler.give_up_overdue(now=NOW + timedelta(days=13)) == []
+    assert reconciler.give_up_overdue(now=NOW + timedelta(days=15)) == [charge_id]
+    with session_factory() as s:
+        charge = s.get(Charge, charge_id)
+        statuses = dict(s.execute(select(Notification.kind, Notification.status)).all())
+        assert charge.status == ChargeStatus.uncollectible
+        assert s.get(Subscription, sub_id).status == "unpaid"
+    assert statuses["final_notice"] == "pending" and statuses["reminder"] == "dropped"
+
+
+def test_no_saved_card_fails_without_calling_stripe(clean_db, session_factory):
+    with session_factory() as s:
+        customer = factories.make_customer(s)
+        factories.make_subscription(s, customer, next_charge_at=NOW - timedelta(hours=1))
+        s.commit()
+    gw = FakeGateway()
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "requires_payment_method"
+    assert gw.calls == []
+    assert one_charge(session_factory).last_error_code == "no_payment_method"
+
+
+def test_one_task_delivered_twice_at_once_charges_once(sub_id, session_factory):
+    gw = FakeGateway()
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    results: list[str] = []
+    barrier = threading.Barrier(2)
+
+    def deliver():
+        barrier.wait()
+        results.append(charging.process_charge(charge_id, gateway=gw, now=NOW))
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert gw.created() == 1
+    assert "paid" in results
