@@ -329,7 +329,9 @@ def main(host: str = "127.0.0.1", port: int = 12111, **options: Any) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     endpoints = options.pop("webhook_endpoints", None) or []
-    config = SandboxConfig(**{k: v for k, v in options.items() if v is not None}, webhook_endpoints=endpoints)
+    # Rate limits: None or 0 lifts a limit, so they are passed through even when None.
+    kept = {k: v for k, v in options.items() if v is not None or k in ("rate_global", "rate_endpoint")}
+    config = SandboxConfig(**kept, webhook_endpoints=endpoints)
     app = create_app(config)
     log.info("Stripe sandbox on http://%s:%d (api_base), control API under /_sandbox/", host, port)
     uvicorn.Server(uvicorn_config(app, host, port, "info")).run()
