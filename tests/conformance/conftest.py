@@ -282,7 +282,9 @@ def _sandbox_backend() -> Iterator[Backend]:
     testing = pytest.importorskip("sandbox.testing", reason="sandbox.testing is not available yet")
     inbox = WebhookInbox(secret="whsec_" + uuid.uuid4().hex)
     try:
-        with testing.SandboxServer() as server:
+        # Rate limits are not among these scenarios (localstripe has none); lifting them keeps a burst
+        # of setup calls on a fast machine from turning into 429s.
+        with testing.SandboxServer(rate_global=None, rate_endpoint=None) as server:
             server.control.add_webhook_endpoint(inbox.url, inbox.secret)
 
             def complete_3ds(intent: Any) -> None:
