@@ -40,6 +40,10 @@ CARDS = [
      decline("processing_error", "processing_error", "try_again_later"),
      decline("processing_error", "processing_error", "try_again_later"),
      decline("processing_error", "processing_error", "try_again_later"), None),
+    ("4000000000000127", "pm_card_chargeDeclinedIncorrectCvc", "US",
+     decline("incorrect_cvc", "incorrect_cvc", "confirm_card_data"),
+     decline("incorrect_cvc", "incorrect_cvc", "confirm_card_data"),
+     decline("incorrect_cvc", "incorrect_cvc", "confirm_card_data"), None),
     ("4000000000003220", "pm_card_threeDSecure2Required", "US", TDS, TDS, AUTH, AUTH),
 ]
 

@@ -53,13 +53,13 @@ def test_validation_errors_are_not_saved(client, customer):
 
 
 def test_concurrent_use_is_409_in_use(customer, sb):
-    sb.control.set_latency(600, 600)
+    sb.control.set_latency(1000, 1000)
     data = {"amount": "4000", "currency": "eur", "customer": customer.id, "payment_method": "pm_card_visa",
             "confirm": "true"}
     results: list[httpx.Response] = []
     first = threading.Thread(target=lambda: results.append(_post(sb, "/v1/payment_intents", data, "k-busy")))
     first.start()
-    # The first request sleeps 600 ms inside the key; wait until the sandbox has it in flight.
+    # The first request sleeps 1 s inside the key; wait until the sandbox has it in flight.
     deadline = time.monotonic() + 10
     while sb.control.requests()["in_flight"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)

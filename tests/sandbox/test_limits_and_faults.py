@@ -42,7 +42,7 @@ def test_rate_limit_error_shape_through_sdk(sb, client):
 
 def test_lock_timeout_on_concurrent_writes_to_one_object(sb, client, customer):
     pi = client.v1.payment_intents.create(params={"amount": 1000, "currency": "eur", "customer": customer.id})
-    sb.control.set_latency(500, 500)
+    sb.control.set_latency(1000, 1000)
     results: list[httpx.Response] = []
 
     def update(i):
