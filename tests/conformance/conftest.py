@@ -13,8 +13,10 @@ creating their own customer and only looking at objects they created.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -189,6 +191,26 @@ def _localstripe_command() -> list[str]:
     pytest.fail("localstripe is not installed: pip install -e '.[dev]'")
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a pre-exec hook that has the kernel stop localstripe if this test process dies.
+
+    Without it a killed or timed-out test run leaves localstripe serving on its port for good. libc
+    is loaded here, in the parent, so the child only makes one system call before exec.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+    pr_set_pdeathsig = 1
+
+    def hook() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return hook
+
+
 @dataclass
 class LocalstripeProcess:
     url: str
@@ -212,6 +234,7 @@ def localstripe_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lo
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent(),
         )
     server = LocalstripeProcess(f"http://127.0.0.1:{port}", proc, log_path)
     try:
