@@ -158,7 +158,9 @@ class StripeGateway:
                 self._limiter.acquire(endpoint)
             self.sends += 1
             try:
-                return call(options)
+                result = call(options)
+                # Plain dicts from here on: our code reads fields, it never calls back into the SDK.
+                return result.to_dict() if hasattr(result, "to_dict") else result
             except (stripe.AuthenticationError, stripe.PermissionError) as exc:
                 raise StripeConfigError(f"Stripe refused the API key ({exc.http_status})") from None
             except stripe.StripeError as exc:
@@ -262,7 +264,7 @@ class StripeGateway:
                             idempotency_key=idempotency_key)
         except stripe.CardError as exc:
             body = (exc.json_body or {}).get("error", {})
-            si = body.get("setup_intent") or self._client.v1.setup_intents.retrieve(setup_intent_id)
+            si = body.get("setup_intent") or self._client.v1.setup_intents.retrieve(setup_intent_id).to_dict()
             return _setup_result(si, error=body)
         return _setup_result(si)
 
