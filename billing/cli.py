@@ -91,8 +91,11 @@ def web(
     import uvicorn
 
     settings_for("stripe_api_key")
+    logging.getLogger("billing").setLevel(logging.INFO)
+    # uvicorn's access log would print raw paths, and customer pages carry tokens in theirs; the app
+    # logs each request by its route template instead.
     uvicorn.run("billing.web.app:create_app", factory=True, host=host, port=port, proxy_headers=True,
-                log_level="info")
+                log_level="info", access_log=False)
 
 
 @app.command()

@@ -143,12 +143,13 @@ _COLLECTION_ACTIONS = {"search", "preview", "upcoming"}
 
 def limiter_from_settings(settings: Settings, client: redis.Redis | None = None) -> RedisRateLimiter:
     if client is None:
-        client = _client_for(_broker_url(settings))
+        client = redis_client_for(resolve_broker_url(settings))
     return RedisRateLimiter(client, global_rate=settings.stripe_rate_limit_global,
                             endpoint_rate=settings.stripe_rate_limit_endpoint)
 
 
-def _broker_url(settings: Settings) -> str:
+def resolve_broker_url(settings: Settings) -> str:
+    """The configured Redis, else the embedded one under the data dir (started on first use)."""
     if settings.broker_url:
         return settings.broker_url
     from billing import embedded
@@ -157,6 +158,6 @@ def _broker_url(settings: Settings) -> str:
 
 
 @functools.cache
-def _client_for(url: str) -> redis.Redis:
+def redis_client_for(url: str) -> redis.Redis:
     # Short timeouts: a slow Redis must not hold a Stripe call hostage (acquire lets it through).
     return redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Celery
 
+from billing.ratelimit import resolve_broker_url
 from billing.settings import Settings, get_settings
 
 # Redis has no real acknowledgements: a delivered message sits in an "unacked" hash and is put back
@@ -45,15 +46,6 @@ RECONCILE_INTERVAL = 180.0
 RELAY_OUTBOX_INTERVAL = 10.0
 
 TASK_QUEUE = "billing"
-
-
-def resolve_broker_url(settings: Settings) -> str:
-    """The configured Redis, else the embedded one under the data dir (started on first use)."""
-    if settings.broker_url:
-        return settings.broker_url
-    from billing import embedded
-
-    return embedded.broker_url(settings.data_dir)
 
 
 def _periodic(task: str, every: float) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""The HTTP app (FastAPI): JSON API, webhook endpoint, customer pages, finance console."""

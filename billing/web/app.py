@@ -1,0 +1,146 @@
+"""The FastAPI application: routers, the one error shape, health and metrics.
+
+Every 4xx/5xx the app itself produces has the body ``{"error": {"code", "message"}}`` (some add
+fields, e.g. ``setup_intent_id``): schema errors included (422 ``invalid_request``, with ``fields``),
+malformed JSON (400 ``malformed_json``), unknown routes (404) and wrong methods (405).
+
+Access logging is ours, not uvicorn's: one line per request with the route *template*, because the
+paths of customer pages carry tokens that must not reach a log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from billing import enrolment
+from billing.outcomes import TemporaryStripeError
+from billing.web import metrics
+
+log = logging.getLogger("billing.web")
+
+STRIPE_RETRY_AFTER_SECONDS = 5
+
+_ERROR_STATUS = {enrolment.NotFound: 404, enrolment.InvalidInput: 422, enrolment.Conflict: 409}
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
+               429: "too_many_requests"}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   **extra: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message, **extra}},
+                        headers=headers)
+
+
+def _field(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "path", "query", "header")]
+    return ".".join(parts) or "body"
+
+
+async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return error_response(400, "malformed_json", "the request body is not valid JSON")
+    fields = [{"field": _field(tuple(e.get("loc", ()))), "message": e.get("msg", "invalid")} for e in errors]
+    first = fields[0] if fields else {"field": "body", "message": "invalid"}
+    return error_response(422, "invalid_request", f"{first['field']}: {first['message']}", fields=fields)
+
+
+async def _enrolment_error(_request: Request, exc: enrolment.EnrolmentError) -> JSONResponse:
+    status = next((s for cls, s in _ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+    return error_response(status, exc.code, exc.message, **exc.details)
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    code = _HTTP_CODES.get(exc.status_code, "error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _stripe_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    metrics.STRIPE_UNAVAILABLE.inc()
+    log.warning("Stripe unavailable", extra={"error": type(exc).__name__})
+    return error_response(503, "stripe_unavailable", "the payment provider could not be reached; try again",
+                          headers={"Retry-After": str(STRIPE_RETRY_AFTER_SECONDS)})
+
+
+async def _stripe_misconfigured(_request: Request, exc: Exception) -> JSONResponse:
+    log.error("Stripe refused our API key", extra={"error": str(exc)})
+    return error_response(503, "stripe_misconfigured", "the payment provider refused this server's credentials")
+
+
+def _check_database() -> None:
+    from sqlalchemy import text
+
+    from billing.db import get_engine
+
+    with get_engine().connect() as conn:
+        conn.execute(text("SELECT 1"))
+
+
+def _check_redis() -> None:
+    from billing.ratelimit import redis_client_for, resolve_broker_url
+    from billing.settings import get_settings
+
+    redis_client_for(resolve_broker_url(get_settings())).ping()
+
+
+def create_app() -> FastAPI:
+    from billing.stripe_gateway import StripeConfigError
+    from billing.web import api, webhooks
+
+    app = FastAPI(title="Billing", version="1", summary="Recurring off-session card billing on Stripe",
+                  responses={422: {"description": "Validation error", "model": api.ErrorBody}})
+    app.include_router(api.router)
+    app.include_router(webhooks.router)
+
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(enrolment.EnrolmentError, _enrolment_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(TemporaryStripeError, _stripe_unavailable)
+    app.add_exception_handler(StripeConfigError, _stripe_misconfigured)
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            metrics.HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
+            metrics.HTTP_LATENCY.labels(request.method, route).observe(elapsed)
+            log.info("%s %s %s %.1fms", request.method, route, status, elapsed * 1000)
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> JSONResponse:
+        """200 when the database and Redis answer, else 503 naming what failed."""
+        checks: dict[str, str] = {}
+        for name, check in (("database", _check_database), ("redis", _check_redis)):
+            try:
+                check()
+                checks[name] = "ok"
+            except Exception as exc:
+                # The exception's type only: a driver's message may carry a connection string.
+                checks[name] = f"error: {type(exc).__name__}"
+        healthy = all(v == "ok" for v in checks.values())
+        return JSONResponse(status_code=200 if healthy else 503,
+                            content={"status": "ok" if healthy else "unavailable", "checks": checks})
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    def prometheus_metrics() -> Response:
+        """Prometheus text exposition."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return app
