@@ -4,7 +4,7 @@ Each subscription period has one ``charges`` row (unique subscription + period) 
 most once. Money moves in atomic phases with recovery points (brandur's rocket-rides-atomic):
 
 1. **claim** (one transaction): lock the charge ``FOR UPDATE SKIP LOCKED``, create the attempt row,
-   whose id gives *our* idempotency key ``attempt-<id>``, or find the unfinished one a crashed worker
+   whose id gives *our* idempotency key ``attempt-<id>-<random>``, or find the unfinished one a crashed worker
    left behind; mark the charge ``processing``; commit.
 2. **call Stripe** outside any transaction, through :mod:`billing.stripe_gateway`, with that key.
    A resumed attempt first asks Stripe for a PaymentIntent carrying our ``attempt_id`` metadata, so
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -253,10 +254,12 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
 
 
 def _new_attempt(s: Session, charge: Charge) -> Attempt:
-    # The key is derived from the row's own id, so the id is drawn before the insert.
+    # The key names the row (its id is drawn before the insert) plus a random part: Stripe keeps keys
+    # per account, and a restored database or a second installation on one account reuses ids.
+    # Stored on the row, so a resumed attempt sends exactly the key it sent before.
     attempt_id = s.execute(text("SELECT nextval(pg_get_serial_sequence('attempts', 'id'))")).scalar_one()
     attempt = Attempt(id=attempt_id, charge_id=charge.id, number=charge.attempts + 1,
-                      idempotency_key=f"attempt-{attempt_id}", phase=AttemptPhase.started)
+                      idempotency_key=f"attempt-{attempt_id}-{secrets.token_hex(6)}", phase=AttemptPhase.started)
     s.add(attempt)
     s.flush()
     return attempt

@@ -17,6 +17,7 @@ call we made without one, and every send must pass through the shared rate limit
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import random
@@ -75,18 +76,29 @@ def outcome_from_payment_intent(pi: Any) -> PaymentOutcome:
     )
 
 
-def _outcome_from_card_error(exc: stripe.CardError) -> PaymentOutcome:
-    """A 402 on an off-session confirm: the PaymentIntent is left ``requires_payment_method`` and the
-    error carries it. https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method"""
+# Codes that mean "the card was refused", whatever error type carried them: Stripe sends them as
+# 402 card_error, some Stripe-compatible servers as 400 invalid_request_error.
+# https://docs.stripe.com/error-codes
+_CARD_CODES = frozenset({"card_declined", "authentication_required", "expired_card", "incorrect_cvc",
+                         "incorrect_number", "insufficient_funds", "processing_error", "invalid_cvc",
+                         "invalid_expiry_month", "invalid_expiry_year", "card_decline_rate_limit_exceeded"})
+
+
+def _outcome_from_error(exc: stripe.StripeError) -> PaymentOutcome:
+    """A refused payment request. Off-session, Stripe answers a decline with 402 and leaves the
+    PaymentIntent ``requires_payment_method``; the error carries it.
+    https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method"""
     body = (exc.json_body or {}).get("error", {})
-    pi = body.get("payment_intent") or {}
-    code = body.get("code") or exc.code
-    kind = OutcomeKind.authentication_required if code == "authentication_required" else OutcomeKind.declined
+    code = body.get("code") or getattr(exc, "code", None)
+    if isinstance(exc, stripe.CardError) or code in _CARD_CODES or body.get("decline_code"):
+        kind = OutcomeKind.authentication_required if code == "authentication_required" else OutcomeKind.declined
+    else:
+        kind = OutcomeKind.invalid_request
     return PaymentOutcome(
         kind=kind,
-        payment_intent_id=pi.get("id"),
+        payment_intent_id=(body.get("payment_intent") or {}).get("id"),
         payment_method_id=(body.get("payment_method") or {}).get("id"),
-        error_code=code,
+        error_code=code or "invalid_request",
         decline_code=body.get("decline_code"),
         advice_code=body.get("advice_code"),
         message=body.get("message"),
@@ -188,8 +200,16 @@ class StripeGateway:
         }
         if mandate_id:
             params["mandate"] = mandate_id
-        return self._payment_call("POST /v1/payment_intents",
-                                  lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key)
+        outcome = self._payment_call("POST /v1/payment_intents",
+                                     lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key)
+        if (outcome.is_failure and outcome.payment_intent_id is None and "attempt_id" in metadata
+                and outcome.kind is not OutcomeKind.invalid_request):
+            # A decline that did not name its PaymentIntent: find it, so the period's retries
+            # re-confirm that one instead of creating another.
+            found = self.find_payment_intent(customer_id=customer_id, attempt_id=int(metadata["attempt_id"]))
+            if found is not None:
+                outcome = dataclasses.replace(outcome, payment_intent_id=found.payment_intent_id)
+        return outcome
 
     def confirm_off_session(self, *, payment_intent_id: str, payment_method_id: str, mandate_id: str | None,
                             idempotency_key: str) -> PaymentOutcome:
@@ -209,13 +229,8 @@ class StripeGateway:
     def _payment_call(self, endpoint: str, call: Callable[[dict], Any], key: str) -> PaymentOutcome:
         try:
             pi = self._send(endpoint, call, idempotency_key=key)
-        except stripe.CardError as exc:
-            return _outcome_from_card_error(exc)
-        except stripe.InvalidRequestError as exc:
-            body = (exc.json_body or {}).get("error", {})
-            return PaymentOutcome(kind=OutcomeKind.invalid_request,
-                                  payment_intent_id=(body.get("payment_intent") or {}).get("id"),
-                                  error_code=exc.code or "invalid_request", message=body.get("message"))
+        except (stripe.CardError, stripe.InvalidRequestError) as exc:
+            return _outcome_from_error(exc)
         return outcome_from_payment_intent(pi)
 
     def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentOutcome:
@@ -228,10 +243,20 @@ class StripeGateway:
         (a lost response, a crash, or keys pruned after 24 h). The list endpoint is read rather than
         Search because Search is eventually consistent and may miss a minute-old PaymentIntent.
         https://docs.stripe.com/search#data-freshness"""
-        page = self._send("GET /v1/payment_intents",
-                          lambda o: self._client.v1.payment_intents.list({"customer": customer_id, "limit": 100}, o))
-        for pi in page.get("data", []):
-            if (pi.get("metadata") or {}).get("attempt_id") == str(attempt_id):
+        def newest(params: dict) -> list[dict]:
+            return self._send("GET /v1/payment_intents",
+                              lambda o: self._client.v1.payment_intents.list(params, o)).get("data", [])
+
+        try:
+            candidates = newest({"customer": customer_id, "limit": 100})
+        except stripe.InvalidRequestError:
+            # Some Stripe-compatible servers cannot filter by customer; the newest page is where a
+            # PaymentIntent made moments ago will be.
+            candidates = newest({"limit": 100})
+        for pi in candidates:
+            customer = pi.get("customer")
+            customer = customer if isinstance(customer, str) or customer is None else customer.get("id")
+            if customer == customer_id and (pi.get("metadata") or {}).get("attempt_id") == str(attempt_id):
                 return outcome_from_payment_intent(pi)
         return None
 
