@@ -103,3 +103,51 @@ def test_queue_shows_unpaid_charges(base_env, clean_db):
     assert [(r["customer_email"], r["status"], r["attempts"]) for r in rows] == [
         ("ada@example.com", "requires_payment_method", 2)]
     assert rows[0]["next_retry_at"] == "2025-02-04T00:00:00+00:00"
+
+
+def test_run_due_wait_charges_through_a_real_worker(app_env, clean_db, worker):
+    from billing import enrolment
+
+    customers = [enrolment.create_customer(f"c{n}@example.com", f"Customer {n}") for n in range(3)]
+    for customer, card in zip(customers, ["pm_card_visa", "pm_card_mastercard", "pm_card_chargeCustomerFail"],
+                              strict=True):
+        assert enrolment.create_card_setup(customer.id, card).setup.status == "succeeded"
+        enrolment.create_subscription(customer.id, 1500, "eur", "month", start_at=datetime(2025, 3, 1, tzinfo=UTC))
+
+    result = run_billing("run-due", "--wait", "--now", "2025-03-01T00:00:01Z", env=app_env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "started 3 charge(s)" in result.stdout
+    assert "summary: paid 2, requires_payment_method 1" in result.stdout
+    assert "3/3 decided" in result.stderr
+
+    again = run_billing("run-due", "--wait", "--now", "2025-03-01T00:00:01Z", env=app_env)
+    assert again.returncode == 0 and "started 0 charge(s)" in again.stdout
+
+
+def test_web_serves_health_over_http(app_env, tmp_path):
+    import httpx
+
+    from tests.integration.conftest import free_port, wait_until
+
+    port = free_port()
+    log_path = tmp_path / "web.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([*billing_command(), "web", "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, **app_env})
+    try:
+        def healthy():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                assert proc.poll() is None, log_path.read_text()
+                return False
+
+        wait_until(healthy, timeout=60, message="billing web to answer")
+        resp = httpx.get(f"http://127.0.0.1:{port}/api/subscriptions/12345")
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log_path.read_text()
+    assert "GET /api/subscriptions/{subscription_id} 404" in text  # route templates, not raw paths
+    assert "/api/subscriptions/12345" not in text
