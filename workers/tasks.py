@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 
-from billing import charging, notifications, reconciler
+from billing import charging, notifications, reconciler, webhooks
 from billing.outcomes import TemporaryStripeError
 from workers.celery_app import CHARGE_RETRY_MAX_COUNTDOWN, app
 
@@ -63,3 +63,24 @@ def reconcile() -> None:
 @app.task(ignore_result=True)
 def relay_outbox() -> None:
     notifications.relay_due()
+
+
+WEBHOOK_MAX_RETRIES = 10
+
+
+def enqueue_webhook_event(event_row_id: int) -> None:
+    process_webhook_event.delay(event_row_id)
+
+
+@app.task(bind=True, ignore_result=True, max_retries=WEBHOOK_MAX_RETRIES)
+def process_webhook_event(self, event_row_id: int) -> None:
+    try:
+        webhooks.process(event_row_id)
+    except (webhooks.EventDeferred, TemporaryStripeError) as exc:
+        # Deferred while a charge attempt is in flight (it records the same outcome), or Stripe was
+        # unreachable for a re-read: the stored event is processed again later.
+        if self.request.retries >= self.max_retries:
+            log.warning("webhook event still not processed; left for a later sweep",
+                        extra={"event_row_id": event_row_id, "error": type(exc).__name__})
+            return
+        raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
