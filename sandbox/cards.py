@@ -71,6 +71,11 @@ PROCESSING = Decline(
 VELOCITY = Decline(
     "card_declined", "card_velocity_exceeded", "Your card was declined.", "try_again_later"
 )
+# The declines a saved card can start returning later (control API ``decline_later``).
+DECLINES_BY_CODE: dict[str, Decline] = {
+    d.decline_code: d for d in (GENERIC, INSUFFICIENT, LOST, STOLEN, EXPIRED, INCORRECT_CVC, PROCESSING, VELOCITY)
+}
+
 AUTH_REQUIRED = Decline(
     "authentication_required",
     "authentication_required",

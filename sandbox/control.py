@@ -26,6 +26,7 @@ import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
+from sandbox import cards
 from sandbox.errors import StripeError
 from sandbox.forms import parse_form
 
@@ -139,6 +140,16 @@ def _route(sb: Sandbox, method: str, path: str, data: dict[str, Any], query: dic
         return _ok({"id": m.group(1), "deleted": sb.dispatcher.remove(m.group(1))})
     if path == "/_sandbox/webhook_deliveries" and method == "GET":
         return _ok({"data": sb.dispatcher.deliveries})
+    m = re.fullmatch(r"/_sandbox/payment_methods/([^/]+)/decline_later", path)
+    if m and method == "POST":
+        info = state.card_info.get(m.group(1))
+        if info is None:
+            return _bad(f"no payment method {m.group(1)}", 404)
+        code = data.get("decline_code")
+        if code and code not in cards.DECLINES_BY_CODE:
+            return _bad(f"unknown decline_code {code!r}; one of {sorted(cards.DECLINES_BY_CODE)}")
+        info.later_decline = cards.DECLINES_BY_CODE[code] if code else None
+        return _ok({"payment_method": m.group(1), "decline_code": code or None})
     m = re.fullmatch(r"/_sandbox/3ds/([^/]+)", path)
     if m:
         intent_id = m.group(1)

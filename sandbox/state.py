@@ -67,6 +67,9 @@ class CardInfo:
     card: TestCard | None
     set_up: bool = False  # authenticated for off-session use (SetupIntent or setup_future_usage)
     consumed: bool = False  # used once without a customer, or detached: cannot be reused
+    # Set through the control API: the issuer starts declining this card after it was saved (a card
+    # reported lost, an account run dry), which no documented test card can show.
+    later_decline: Decline | None = None
 
 
 @dataclass
@@ -866,6 +869,8 @@ class State:
         info = self.card_info[pm["id"]]
         card = info.card
         pi["next_action"] = None
+        if info.later_decline is not None:
+            self._payment_declined(pi, pm, info.later_decline, request)
         if off_session:
             if card and (card.off_session == cards.OFF_AUTH_ALWAYS or (
                     card.off_session == cards.OFF_AUTH_UNLESS_SET_UP and not info.set_up)):

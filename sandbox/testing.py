@@ -86,6 +86,11 @@ class Control:
     def webhook_deliveries(self) -> list[dict[str, Any]]:
         return self._get("/_sandbox/webhook_deliveries")["data"]
 
+    def decline_later(self, payment_method_id: str, decline_code: str | None) -> dict[str, Any]:
+        """From now on the issuer declines this saved card with ``decline_code`` (None: stops)."""
+        return self._post(f"/_sandbox/payment_methods/{payment_method_id}/decline_later",
+                          {"decline_code": decline_code})
+
     def complete_3ds(self, intent_id: str) -> dict[str, Any]:
         return self._post(f"/_sandbox/3ds/{intent_id}", {"outcome": "complete"})
 

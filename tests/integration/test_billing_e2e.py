@@ -25,9 +25,10 @@ SETTLED = {"paid", "authentication_required", "requires_payment_method", "uncoll
 
 
 def enrol(session_factory, sandbox, card: str, *, email: str | None = None, amount: int = 2500,
-          currency: str = "eur", due: datetime | None = None) -> int:
+          currency: str = "eur", due: datetime | None = None, declines_later: str | None = None) -> int:
     """A customer with ``card`` saved through a real SetupIntent (3DS completed when asked) and a
-    subscription due now. Returns the subscription id."""
+    subscription due now; ``declines_later`` makes the issuer decline the saved card from then on.
+    Returns the subscription id."""
     gw = get_gateway()
     email = email or f"{card.lower()}@example.com"
     cus = gw.create_customer(email=email, name=card, idempotency_key=f"test-cus-{email}")
@@ -37,6 +38,8 @@ def enrol(session_factory, sandbox, card: str, *, email: str | None = None, amou
         setup = gw.retrieve_setup_intent(setup.setup_intent_id)
     assert setup.status == "succeeded", setup
     details = gw.retrieve_payment_method(setup.payment_method_id)
+    if declines_later:
+        sandbox.control.decline_later(details.payment_method_id, declines_later)
     with session_factory() as s:
         customer = factories.make_customer(s, email=email, stripe_customer_id=cus)
         factories.make_payment_method(s, customer, stripe_payment_method_id=details.payment_method_id,
@@ -82,19 +85,24 @@ def test_each_outcome_class_through_a_real_worker(app_env, sandbox, smtp_server,
         "pm_card_chargeCustomerFail": "requires_payment_method",
     }
     subs = {enrol(session_factory, sandbox, card): expected for card, expected in cards.items()}
+    # A card saved fine and reported lost since: a hard decline.
+    lost_sub = enrol(session_factory, sandbox, "pm_card_visa", email="lost@example.com", declines_later="lost_card")
+    subs[lost_sub] = "requires_payment_method"
     report = charging.run_due(enqueue=enqueue)
-    assert len(report.created) == len(cards)
-    result = wait_settled(session_factory, len(cards))
+    assert len(report.created) == len(subs)
+    result = wait_settled(session_factory, len(subs))
     assert result == subs
 
     with session_factory() as s:
         charges = {c.subscription_id: c for c in s.scalars(select(Charge))}
-    by_card = dict(zip(cards, subs, strict=True))
+    by_card = dict(zip(cards, list(subs)[:len(cards)], strict=True))
     poor = charges[by_card["pm_card_authenticationRequiredChargeDeclinedInsufficientFunds"]]
     assert poor.last_decline_code == "insufficient_funds" and poor.next_retry_at is not None
     generic = charges[by_card["pm_card_chargeCustomerFail"]]
     assert generic.last_error_code == "card_declined" and generic.next_retry_at is not None
     assert charges[by_card["pm_card_authenticationRequired"]].last_error_code == "authentication_required"
+    lost = charges[lost_sub]
+    assert lost.last_decline_code == "lost_card" and lost.next_retry_at is None  # hard: no blind retry
     assert all(c.payment_intent_id for c in charges.values())
 
     # Exactly the two good cards were charged, once each.
@@ -103,8 +111,8 @@ def test_each_outcome_class_through_a_real_worker(app_env, sandbox, smtp_server,
 
     # The failures' emails, by SMTP, with a recovery link in the text part.
     result = notifications.relay_due()
-    assert result.sent == 3 + 0  # failure emails now; reminders are scheduled for later
-    messages = smtp_server.wait_for(3)
+    assert result.sent == 4  # the failure emails now; reminders are scheduled for later
+    messages = smtp_server.wait_for(4)
     for msg in messages:
         text = msg.get_body(("plain",)).get_content()
         assert "http://billing.test/recover/" in text
@@ -112,7 +120,7 @@ def test_each_outcome_class_through_a_real_worker(app_env, sandbox, smtp_server,
     assert {m["To"].addresses[0].addr_spec for m in messages} == {
         "pm_card_authenticationrequired@example.com",
         "pm_card_authenticationrequiredchargedeclinedinsufficientfunds@example.com",
-        "pm_card_chargecustomerfail@example.com"}
+        "pm_card_chargecustomerfail@example.com", "lost@example.com"}
     # Relaying again sends nothing more.
     assert notifications.relay_due().sent == 0
 

@@ -36,6 +36,24 @@ def test_reset_forgets_everything(client, customer, sb):
         client.v1.customers.retrieve(customer.id)
 
 
+def test_a_saved_card_can_start_declining_later(client, customer, sb):
+    pm = client.v1.payment_methods.attach("pm_card_visa", params={"customer": customer.id})
+    params = {"amount": 500, "currency": "eur", "customer": customer.id, "payment_method": pm.id,
+              "confirm": True, "off_session": True}
+    client.v1.payment_intents.create(params=params)
+    sb.control.decline_later(pm.id, "lost_card")
+    with pytest.raises(stripe.CardError) as declined:
+        client.v1.payment_intents.create(params=params)
+    error = declined.value.json_body["error"]
+    assert error["decline_code"] == "lost_card" and error["advice_code"] == "do_not_try_again"
+    assert error["payment_intent"]["status"] == "requires_payment_method"
+    sb.control.decline_later(pm.id, None)
+    client.v1.payment_intents.create(params=params)
+    assert len(sb.control.ledger()) == 2
+    with pytest.raises(httpx.HTTPStatusError):
+        sb.control.decline_later(pm.id, "made_up_code")
+
+
 def test_clock_moves_forward_and_stamps_objects(client, sb):
     before = sb.control.now()
     after = sb.control.advance(30 * 86400)
