@@ -32,6 +32,12 @@ from billing.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+# stripe-python logs whole response bodies at DEBUG (a SetupIntent's carries its client_secret) and
+# every request at INFO. Our own log lines say what happened, without secrets; the SDK's are held
+# to warnings whatever level the root logger is at. (STRIPE_LOG, which prints to stderr, is an
+# operator's choice and stays theirs.)
+logging.getLogger("stripe").setLevel(logging.WARNING)
+
 
 class Limiter(Protocol):
     def acquire(self, endpoint: str) -> float: ...

@@ -1,7 +1,8 @@
 """Shared fixtures: a real PostgreSQL and a real Redis for the whole run.
 
 ``TEST_DATABASE_URL`` / ``TEST_REDIS_URL`` point the suite at servers; unset, it starts the embedded
-ones under ``.billing/test`` (the same code path the product uses with nothing configured). Each run
+ones (the same code path the product uses with nothing configured): PostgreSQL under
+``.billing/test``, shared by runs that each get a database of their own, and a Redis per run. Each run
 gets its own freshly migrated database; tests that need a clean slate use ``clean_db``.
 """
 
@@ -50,8 +51,15 @@ def database_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> str:
-    return os.environ.get("TEST_REDIS_URL") or embedded.broker_url(TEST_DATA_DIR, db=0)
+def redis_url(tmp_path_factory) -> str:
+    """A Redis of this run's own: Celery queues are global to a Redis database, and a worker left by
+    another run on the same machine would otherwise take this run's tasks."""
+    if os.environ.get("TEST_REDIS_URL"):
+        yield os.environ["TEST_REDIS_URL"]
+        return
+    data_dir = tmp_path_factory.mktemp("redis")
+    yield embedded.broker_url(data_dir, db=0)
+    embedded.stop(data_dir)
 
 
 @pytest.fixture(scope="session")

@@ -174,8 +174,6 @@ def test_card_setup_without_payment_method_returns_client_secret_never_logged(cl
                    "payment_method": None}
 
 
-@pytest.mark.xfail(strict=True, reason="stripe-python logs response bodies at DEBUG; the gateway must quiet "
-                                       "the 'stripe' logger (client_secret is in a SetupIntent's body)")
 def test_stripe_sdk_never_logs_a_client_secret(client, caplog):
     customer = new_customer(client)
     with caplog.at_level(logging.DEBUG):
