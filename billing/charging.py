@@ -163,7 +163,9 @@ class Claim:
 
 
 def process_charge(charge_id: int, *, gateway=None, now: datetime | None = None, manual: bool = False) -> str:
-    """Run one attempt at a charge, resuming an unfinished one. Returns what happened, in a word.
+    """Run one attempt at a charge, resuming an unfinished one. Returns what happened, in a word:
+    the charge's new status, ``skipped:<status>``, ``busy`` (another process is working on it),
+    ``locked`` (its row is held for a moment; try again shortly) or ``missing``.
 
     ``manual`` lets a staff "retry now" run a retry before its scheduled time; every other rule
     (final states, pauses of nothing else, the claim lock) is the same path as the scheduled run.
@@ -222,7 +224,8 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
         s = uow.session
         charge = s.scalars(select(Charge).where(Charge.id == charge_id).with_for_update(skip_locked=True)).first()
         if charge is None:
-            return "busy" if s.get(Charge, charge_id, populate_existing=True) is not None else "missing"
+            # Locked for a moment by a webhook or a staff action: worth trying again shortly.
+            return "locked" if s.get(Charge, charge_id, populate_existing=True) is not None else "missing"
         attempt = s.scalars(select(Attempt).where(Attempt.charge_id == charge.id,
                                                   Attempt.phase == AttemptPhase.started)).first()
         resumed = attempt is not None

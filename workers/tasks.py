@@ -39,7 +39,7 @@ def run_billing() -> None:
 @app.task(bind=True, ignore_result=True, max_retries=CHARGE_MAX_RETRIES)
 def charge_attempt(self, charge_id: int) -> None:
     try:
-        charging.process_charge(charge_id)
+        result = charging.process_charge(charge_id)
     except TemporaryStripeError as exc:
         # The attempt row keeps its idempotency key, so the retry resends the same request.
         if self.request.retries >= self.max_retries:
@@ -47,6 +47,8 @@ def charge_attempt(self, charge_id: int) -> None:
                         extra={"charge_id": charge_id, "error": type(exc).__name__})
             return
         raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
+    if result == "locked" and self.request.retries < self.max_retries:
+        raise self.retry(countdown=1 + random.uniform(0, 2))
 
 
 @app.task(ignore_result=True)
@@ -57,7 +59,9 @@ def retry_due_charges() -> None:
 @app.task(ignore_result=True)
 def reconcile() -> None:
     report = reconciler.sweep(enqueue=enqueue_charge)
-    log.info("reconciler sweep finished", extra={"report": repr(report)})
+    # Webhook events whose processing task was lost or gave up are stored: run them again.
+    requeued_events = webhooks.requeue_unprocessed(enqueue=enqueue_webhook_event)
+    log.info("reconciler sweep finished", extra={"report": repr(report), "requeued_events": len(requeued_events)})
 
 
 @app.task(ignore_result=True)
