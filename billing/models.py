@@ -204,6 +204,16 @@ class Charge(Base):
         Index("ix_charges_in_flight", "updated_at", postgresql_where=text("status IN ('pending', 'processing')")),
         # The retry queue (finance): every charge that is not paid, newest first.
         Index("ix_charges_queue", "status", "created_at", postgresql_where=text("status <> 'paid'")),
+        # One per sort key of the finance console's queue, with the id as tie-breaker, so the first
+        # page (and every next one) is an index range scan however long the queue grows.
+        Index("ix_charges_queue_next_retry", "next_retry_at", "id", postgresql_where=text("status <> 'paid'")),
+        Index("ix_charges_queue_created", "created_at", "id", postgresql_where=text("status <> 'paid'")),
+        Index("ix_charges_queue_amount", "amount", "id", postgresql_where=text("status <> 'paid'")),
+        Index("ix_charges_queue_attempts", "attempts", "id", postgresql_where=text("status <> 'paid'")),
+        Index("ix_charges_queue_decline", "last_decline_code", "created_at",
+              postgresql_where=text("status <> 'paid'")),
+        # Recovery rate per week: charges by when they first failed.
+        Index("ix_charges_first_failed", "first_failed_at", postgresql_where=text("first_failed_at IS NOT NULL")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -329,3 +339,55 @@ class AuditEntry(Base):
     subscription_id: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(Json, default=dict)
+
+
+class StaffRole(enum.StrEnum):
+    # Reads the queue, the charges and the overview.
+    viewer = "viewer"
+    # Also acts on charges: retry, pause, resume, resend, void, cancel.
+    operator = "operator"
+
+
+class StaffUser(Base):
+    """A finance console account. Only the argon2 hash of the password is stored."""
+
+    __tablename__ = "staff_users"
+    __table_args__ = (_check_in("role", StaffRole),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    disabled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_default()
+
+
+class StaffSession(Base):
+    """A signed-in browser. The cookie carries a random token; only its SHA-256 is stored, so a
+    session is revoked by setting ``revoked_at`` (logout, or ``billing staff revoke``)."""
+
+    __tablename__ = "staff_sessions"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    staff_user_id: Mapped[int] = mapped_column(ForeignKey("staff_users.id", ondelete="CASCADE"), index=True)
+    # The synchronizer token every form of this session must send back.
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = _now_default()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class LoginFailure(Base):
+    """One failed sign-in, counted per account and per client address to slow guessing down."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (
+        Index("ix_login_failures_email_at", "email", "at"),
+        Index("ix_login_failures_ip_at", "ip", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    email: Mapped[str] = mapped_column(String(320))
+    ip: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = _now_default()
