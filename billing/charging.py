@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -373,3 +374,27 @@ def mark_touched(s: Session, charge_ids: list[int], now: datetime) -> None:
     """Refresh ``updated_at`` so the stale-charge sweep does not enqueue these again right away."""
     if charge_ids:
         s.execute(update(Charge).where(Charge.id.in_(charge_ids)).values(updated_at=now))
+
+
+# Not decided yet: `run-due --wait` and the demo wait for charges to leave these.
+IN_FLIGHT = (ChargeStatus.pending, ChargeStatus.processing)
+
+
+def wait_until_decided(charge_ids: list[int], *, timeout: float,
+                       progress: Callable[[int, int], None] | None = None,
+                       interval: float = 0.5) -> dict[int, str]:
+    """Poll the charges until none is pending or processing (or ``timeout``); their statuses.
+    ``progress(decided, total)`` is called whenever the count changes."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while True:
+        with unit_of_work() as uow:
+            statuses = dict(uow.session.execute(
+                select(Charge.id, Charge.status).where(Charge.id.in_(charge_ids))).all())
+        done = sum(1 for status in statuses.values() if status not in IN_FLIGHT)
+        if progress is not None and done != last:
+            progress(done, len(charge_ids))
+            last = done
+        if done == len(charge_ids) or time.monotonic() > deadline:
+            return statuses
+        time.sleep(interval)

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -19,9 +18,6 @@ import typer
 from billing.settings import ConfigError, Settings, get_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Recurring off-session billing on Stripe.")
-
-# A charge in one of these has not been decided yet: `run-due --wait` waits for it to leave them.
-IN_FLIGHT = ("pending", "processing")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -141,6 +137,7 @@ def run_due(
     at = parse_now(now)
     settings_for("stripe_api_key")
     from billing import charging
+    from billing.charging import IN_FLIGHT
     from workers.tasks import enqueue_charge
 
     report = charging.run_due(now=at, enqueue=enqueue_charge)
@@ -158,29 +155,18 @@ def run_due(
 
 
 def _wait_for(charge_ids: list[int], timeout: float) -> dict[int, str]:
-    """Poll the charges' statuses until none is in flight (or the timeout), with a progress line."""
-    from sqlalchemy import select
+    """Wait for the charges to be decided, with a progress line on stderr."""
+    from billing.charging import wait_until_decided
 
-    from billing.db import unit_of_work
-    from billing.models import Charge
-
-    deadline = time.monotonic() + timeout
     tty = sys.stderr.isatty()
-    last = ""
-    while True:
-        with unit_of_work() as uow:
-            rows = uow.session.execute(select(Charge.id, Charge.status).where(Charge.id.in_(charge_ids))).all()
-        statuses = dict(rows)
-        done = sum(1 for s in statuses.values() if s not in IN_FLIGHT)
-        line = f"{done}/{len(charge_ids)} decided"
-        if line != last:
-            typer.echo(("\r" if tty else "") + line, err=True, nl=not tty)
-            last = line
-        if done == len(charge_ids) or time.monotonic() > deadline:
-            if tty:
-                typer.echo("", err=True)
-            return statuses
-        time.sleep(0.5)
+
+    def progress(done: int, total: int) -> None:
+        typer.echo(("\r" if tty else "") + f"{done}/{total} decided", err=True, nl=not tty)
+
+    statuses = wait_until_decided(charge_ids, timeout=timeout, progress=progress)
+    if tty:
+        typer.echo("", err=True)
+    return statuses
 
 
 QUEUE_COLUMNS = ("charge", "customer", "amount", "currency", "status", "attempts", "last error", "next retry",
@@ -204,6 +190,17 @@ def queue(as_json: bool = typer.Option(False, "--json", help="one JSON array ins
     widths = [max(len(r[i]) for r in table) for i in range(len(QUEUE_COLUMNS))]
     for r in table:
         typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+@app.command()
+def demo(
+    serve: bool = typer.Option(True, "--serve/--no-serve", help="keep the web app up at the end until Ctrl-C"),
+    port: int = typer.Option(8000, help="port for the web app (another free one if taken)"),
+) -> None:
+    """The whole system on embedded defaults, end to end: no servers, no keys, no configuration."""
+    from billing import demo as demo_run
+
+    raise typer.Exit(demo_run.run(serve=serve, web_port=port))
 
 
 def main() -> None:

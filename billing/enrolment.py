@@ -338,7 +338,11 @@ def import_payment_method(customer_id: int, payment_method: str, saved_at: datet
     if saved_at > utcnow():
         raise InvalidInput("saved_at is in the future", field="saved_at")
     customer = ensure_stripe_customer(customer_id, gateway=gateway)
-    card = _stripe_request(_gateway(gateway).attach_payment_method, payment_method, customer.stripe_customer_id)
+    # Usually the card is attached to the customer already (that is how it was saved); a card that is
+    # not is attached now.
+    card = _stripe_request(_gateway(gateway).retrieve_payment_method, payment_method)
+    if card.customer_id is None:
+        card = _stripe_request(_gateway(gateway).attach_payment_method, payment_method, customer.stripe_customer_id)
     if card.customer_id and card.customer_id != customer.stripe_customer_id:
         raise Conflict("this card is attached to another Stripe customer", code="payment_method_in_use")
     with unit_of_work() as uow:

@@ -1,0 +1,41 @@
+"""`billing demo` runs the whole story on embedded defaults and stops everything it started."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import psutil
+
+from tests.integration.conftest import ROOT, billing_command
+
+
+def _our_children_left(before: set[int]) -> list[str]:
+    me = psutil.Process()
+    return [" ".join(p.cmdline()[:3]) for p in psutil.process_iter() if p.pid not in before
+            and p.pid != me.pid and any("demo" in part for part in _safe_cmdline(p))]
+
+
+def _safe_cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.Error, OSError):
+        return []
+
+
+def test_demo_runs_end_to_end_with_nothing_configured(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "TEST_"))}
+    env["BILLING_DATA_DIR"] = str(tmp_path / "data")  # keep the developer's own .billing/ out of it
+    before = {p.pid for p in psutil.process_iter()}
+    result = subprocess.run([*billing_command(), "demo", "--no-serve"], env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    out = result.stdout
+    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    assert "Billing cycle 1" in out and "Billing cycle 2" in out
+    assert "authentication_required" in out and "lost_card" in out and "insufficient_funds" in out
+    assert "(previous authorization)" in out
+    assert "/recover/" in out and "email(s) sent by SMTP" in out
+    assert "Stopped everything the demo started." in out
+    # The embedded servers ran under the data dir given, not the machine's own services.
+    assert (tmp_path / "data" / "demo" / "logs" / "worker.log").exists()
+    assert _our_children_left(before) == []
