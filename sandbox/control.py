@@ -15,7 +15,8 @@
 | ``DELETE /_sandbox/webhook_endpoints/{id}`` | remove one |
 | ``GET  /_sandbox/webhook_deliveries`` | every delivery attempt (event, url, attempt, status, delivered) |
 | ``POST /_sandbox/3ds/{intent_id}`` | ``{"outcome": "complete" or "fail"}`` finishes a pending 3-D Secure challenge |
-| ``GET  /_sandbox/3ds/{intent_id}`` | a small HTML challenge page (what ``next_action`` points to) |
+| ``GET  /_sandbox/3ds/{intent_id}`` | a small HTML challenge page (what ``next_action`` points to); |
+|  | ``?frame=1``: inside the Stripe.js stand-in's iframe, it answers by ``postMessage`` |
 """
 
 from __future__ import annotations
@@ -154,9 +155,11 @@ def _route(sb: Sandbox, method: str, path: str, data: dict[str, Any], query: dic
     if m:
         intent_id = m.group(1)
         if method == "GET":
-            return _challenge_page(intent_id, query.get("return_url"))
+            return _challenge_page(intent_id, query.get("return_url"), frame=query.get("frame") == "1")
         if method == "POST":
             intent = state.resolve_3ds(intent_id, str(data.get("outcome", "")))
+            if data.get("frame") == "1":
+                return _challenge_done(intent)
             return_url = data.get("return_url")
             if return_url:  # the HTML page's form: send the browser back like Stripe does
                 sep = "&" if "?" in return_url else "?"
@@ -185,12 +188,26 @@ def _latency(sb: Sandbox) -> dict[str, float]:
     return {"median_ms": sb.faults.median_ms, "p99_ms": sb.faults.p99_ms}
 
 
-def _challenge_page(intent_id: str, return_url: str | None) -> Result:
+def _challenge_page(intent_id: str, return_url: str | None, *, frame: bool = False) -> Result:
     hidden = (f'<input type="hidden" name="return_url" value="{html.escape(return_url)}">'
               if return_url else "")
+    if frame:
+        hidden += '<input type="hidden" name="frame" value="1">'
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>3D Secure test payment</title></head>
 <body><h1>3D Secure 2 test page</h1><p>Authenticate {html.escape(intent_id)}?</p>
 <form method="post" action="/_sandbox/3ds/{html.escape(intent_id)}">{hidden}
 <button name="outcome" value="complete" id="complete">Complete authentication</button>
 <button name="outcome" value="fail" id="fail">Fail authentication</button></form></body></html>"""
+    return 200, page.encode(), {"Content-Type": "text/html; charset=utf-8"}
+
+
+def _challenge_done(intent: dict[str, Any]) -> Result:
+    """The challenge page's answer inside the Stripe.js stand-in's iframe: the intent as it now is,
+    posted to the page that opened the frame (no redirect, so no client secret in any URL; the
+    secret itself is left out of the message)."""
+    public = {k: v for k, v in intent.items() if k != "client_secret"}
+    message = json.dumps({"type": "sandbox-3ds-result", "intent": public}).replace("</", "<\\/")
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>3D Secure test payment</title></head>
+<body><p id="done">Authentication {html.escape(intent["status"])}.</p>
+<script>window.parent.postMessage({message}, "*");</script></body></html>"""
     return 200, page.encode(), {"Content-Type": "text/html; charset=utf-8"}

@@ -16,9 +16,10 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from sandbox import control, routes
+from sandbox import control, publishable, routes
 from sandbox.errors import StripeError, api_error, lock_timeout, rate_limited
 from sandbox.faults import Faults
 from sandbox.forms import parse_form
@@ -117,6 +118,16 @@ class SandboxApp:
             status, payload, headers = await control.handle(self.sandbox, scope, body)
             await _send(send, status, payload, headers)
             return
+        if path.startswith("/js/"):
+            await _send(send, *_stripe_js(path))
+            return
+        if scope["method"] == "OPTIONS":
+            # CORS preflight: Stripe's API answers browsers from any origin.
+            await _send(send, 204, b"", {**_CORS, "Access-Control-Allow-Methods": "GET, POST, DELETE",
+                                         "Access-Control-Allow-Headers": "Authorization, Content-Type, "
+                                                                         "Idempotency-Key, Stripe-Version",
+                                         "Access-Control-Max-Age": "600"})
+            return
         await self._api(scope, body, send)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
@@ -155,10 +166,24 @@ class SandboxApp:
         method: str = scope["method"]
         path: str = scope["path"]
         req_id = new_id("req")
-        base_headers = {"Request-Id": req_id, "Stripe-Version": API_VERSION}
+        base_headers = {"Request-Id": req_id, "Stripe-Version": API_VERSION, **_CORS}
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
+        try:
+            if method == "GET":
+                params = parse_form(scope.get("query_string", b""))
+            else:
+                params = parse_form(body)
+                if scope.get("query_string"):
+                    params = {**parse_form(scope["query_string"]), **params}
+        except Exception:  # malformed body
+            params = {}
+
         api_key = _api_key(headers.get("authorization", ""))
+        # Stripe.js sends the publishable key as the ``key`` field instead of an Authorization header.
+        is_publishable = False
+        if api_key is None and isinstance(params.get("key"), str) and params["key"].startswith("pk_"):
+            api_key, is_publishable = params["key"], True
         if api_key is None:
             return _json(401, {"error": {
                 "type": "invalid_request_error",
@@ -166,7 +191,8 @@ class SandboxApp:
                            "Authorization header, using Bearer auth (e.g. 'Authorization: Bearer "
                            "YOUR_SECRET_KEY'). See https://stripe.com/docs/api#authentication for details, "
                            "or we can help at https://support.stripe.com/."}}, base_headers)
-        if not api_key.startswith(sb.config.api_key_prefix) or len(api_key) <= len(sb.config.api_key_prefix):
+        prefix = publishable.PREFIX if is_publishable else sb.config.api_key_prefix
+        if not api_key.startswith(prefix) or len(api_key) <= len(prefix):
             masked = api_key[:8] + "*" * max(0, len(api_key) - 12) + api_key[-4:]
             return _json(401, {"error": {"type": "invalid_request_error",
                                          "message": f"Invalid API Key provided: {masked}"}}, base_headers)
@@ -184,15 +210,11 @@ class SandboxApp:
             sb.counters["rate_limited"] += 1
             return self._error(rate_limited(), base_headers)
 
-        try:
-            if method == "GET":
-                params = parse_form(scope.get("query_string", b""))
-            else:
-                params = parse_form(body)
-                if scope.get("query_string"):
-                    params = {**parse_form(scope["query_string"]), **params}
-        except Exception:  # malformed body
-            params = {}
+        if is_publishable:
+            try:
+                params = publishable.prepare(sb.state, route.name, ids, params)
+            except StripeError as exc:
+                return self._error(exc, base_headers)
 
         fault = sb.faults.pick("api", method, path)
         if fault is not None:
@@ -280,6 +302,18 @@ class SandboxApp:
         body["error"]["request_log_url"] = (
             f"https://dashboard.stripe.com/test/logs/{base_headers.get('Request-Id', '')}")
         return exc.status, json.dumps(body).encode(), {**base_headers, **exc.headers}
+
+
+_CORS = {"Access-Control-Allow-Origin": "*"}
+_JS_FILE = Path(__file__).with_name("stripe.js")
+
+
+def _stripe_js(path: str) -> tuple[int, bytes, dict[str, str]]:
+    """The Stripe.js stand-in (``sandbox/stripe.js``) at ``/js/v3/`` or ``/js/v3/stripe.js``."""
+    if path.rstrip("/") not in ("/js/v3", "/js/v3/stripe.js"):
+        return 404, b"not found", {"Content-Type": "text/plain"}
+    return 200, _JS_FILE.read_bytes(), {"Content-Type": "application/javascript; charset=utf-8",
+                                        "Cache-Control": "no-cache", **_CORS}
 
 
 def _api_key(authorization: str) -> str | None:
