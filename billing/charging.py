@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from billing import dunning, notifications
+from billing import dunning, notifications, recovery
 from billing.db import get_engine, unit_of_work
 from billing.models import (
     FINAL_CHARGE_STATUSES,
@@ -230,11 +230,15 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
         attempt = s.scalars(select(Attempt).where(Attempt.charge_id == charge.id,
                                                   Attempt.phase == AttemptPhase.started)).first()
         resumed = attempt is not None
+        sub = s.get(Subscription, charge.subscription_id)
         if attempt is None:
             if not _chargeable(charge, now, manual):
                 return f"skipped:{charge.status}"
+            if sub.status == SubscriptionStatus.canceled and not manual:
+                _stop_after_cancel(charge, now)
+                uow.commit()
+                return f"skipped:canceled:{charge.status}"
             attempt = _new_attempt(s, charge)
-        sub = s.get(Subscription, charge.subscription_id)
         customer = s.get(Customer, sub.customer_id)
         pm = _payment_method_for(s, sub, customer)
         if not resumed:
@@ -255,6 +259,17 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
         )
         uow.commit()
     return claim
+
+
+def _stop_after_cancel(charge: Charge, now: datetime) -> None:
+    """A canceled subscription is not charged automatically any more: a period never attempted is
+    void; one already failing keeps its status (the customer may still pay it on the recovery page,
+    staff may retry it) but leaves the automatic retry schedule."""
+    if charge.status == ChargeStatus.pending:
+        charge.status = ChargeStatus.void
+    charge.next_retry_at = None
+    charge.updated_at = now
+    log.info("charge not attempted: subscription canceled", extra={"charge_id": charge.id})
 
 
 def _new_attempt(s: Session, charge: Charge) -> Attempt:
@@ -365,6 +380,7 @@ def apply_decision(s: Session, charge: Charge, sub: Subscription, customer: Cust
     charge.next_retry_at = decision.next_retry_at
     if decision.charge_status == ChargeStatus.paid:
         charge.paid_at = now
+        recovery.consume_for_charge(s, charge.id, now)
     if sub.status != SubscriptionStatus.canceled:
         sub.status = decision.subscription_status
     notifications.enqueue_decision(s, decision, charge=charge, customer=customer, attempt_number=number)

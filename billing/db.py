@@ -94,5 +94,6 @@ def unit_of_work(factory: sessionmaker[Session] | None = None) -> Iterator[UnitO
     try:
         yield uow
     finally:
-        session.rollback()
+        # close() ends any transaction not committed (rolled back as the connection goes back to the
+        # pool) and detaches the objects without expiring them, so what a block read stays readable.
         session.close()

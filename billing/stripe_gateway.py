@@ -27,7 +27,14 @@ from typing import Any, Protocol
 
 import stripe
 
-from billing.outcomes import CardDetails, OutcomeKind, PaymentOutcome, SetupResult, TemporaryStripeError
+from billing.outcomes import (
+    CardDetails,
+    OutcomeKind,
+    PaymentIntentView,
+    PaymentOutcome,
+    SetupResult,
+    TemporaryStripeError,
+)
 from billing.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -117,6 +124,15 @@ def _is_temporary(exc: stripe.StripeError) -> bool:
     status = getattr(exc, "http_status", None) or 0
     # 409 idempotency_key_in_use: the same request is in progress elsewhere — wait and resend.
     return isinstance(exc, stripe.APIError) and (status >= 500 or status == 409 or status == 0)
+
+
+def _intent_view(pi: Any) -> PaymentIntentView:
+    customer = pi.get("customer")
+    return PaymentIntentView(
+        outcome=outcome_from_payment_intent(pi), status=pi["status"], client_secret=pi.get("client_secret"),
+        amount=pi.get("amount") or 0, currency=pi.get("currency") or "",
+        customer_id=customer if isinstance(customer, str) or customer is None else customer.get("id"),
+        setup_future_usage=pi.get("setup_future_usage"))
 
 
 def _card_details(pm: Any) -> CardDetails:
@@ -244,6 +260,26 @@ class StripeGateway:
                         lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
         return outcome_from_payment_intent(pi)
 
+    def payment_intent_for_customer(self, payment_intent_id: str) -> PaymentIntentView:
+        """The PaymentIntent with its client secret, for the recovery page to finish it on-session
+        with Stripe.js on this very PaymentIntent (a retrieve with the secret key returns the secret).
+        https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method ("start a recovery
+        flow"), https://docs.stripe.com/js/payment_intents/confirm_card_payment"""
+        pi = self._send("GET /v1/payment_intents/:id",
+                        lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
+        return _intent_view(pi)
+
+    def create_payment_intent_on_session(self, *, customer_id: str, amount: int, currency: str,
+                                         metadata: dict[str, str], idempotency_key: str) -> PaymentIntentView:
+        """An unconfirmed PaymentIntent for a period that never got one (no usable card when it fell
+        due): the customer confirms it on the recovery page with a new card.
+        https://docs.stripe.com/api/payment_intents/create"""
+        params = {"amount": amount, "currency": currency, "customer": customer_id,
+                  "payment_method_types": ["card"], "metadata": metadata}
+        pi = self._send("POST /v1/payment_intents",
+                        lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key=idempotency_key)
+        return _intent_view(pi)
+
     def find_payment_intent(self, *, customer_id: str, attempt_id: int) -> PaymentOutcome | None:
         """The PaymentIntent an attempt created, found by our metadata when its id never reached us
         (a lost response, a crash, or keys pruned after 24 h). The list endpoint is read rather than
@@ -326,12 +362,7 @@ def build_gateway(settings: Settings, limiter: Limiter | None = None) -> StripeG
 @functools.cache
 def get_gateway() -> StripeGateway:
     """The process's gateway, sharing the Redis-backed request budget with every other worker."""
+    from billing.ratelimit import limiter_from_settings
+
     settings = get_settings()
-    limiter = None
-    try:
-        from billing.ratelimit import limiter_from_settings
-    except ImportError:  # pragma: no cover - only while the limiter is not installed
-        limiter_from_settings = None
-    if limiter_from_settings is not None:
-        limiter = limiter_from_settings(settings)
-    return build_gateway(settings, limiter)
+    return build_gateway(settings, limiter_from_settings(settings))

@@ -201,3 +201,30 @@ def test_one_task_delivered_twice_at_once_charges_once(sub_id, session_factory):
         t.join()
     assert gw.created() == 1
     assert "paid" in results
+
+
+def test_canceled_subscription_is_not_charged_automatically(sub_id, session_factory):
+    gw = FakeGateway(script=lambda pm: declined("insufficient_funds"))
+    [first] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    charging.process_charge(first, gateway=gw, now=NOW)
+    with session_factory() as s:
+        s.get(Subscription, sub_id).status = "canceled"
+        s.commit()
+        retry_at = s.get(Charge, first).next_retry_at
+    assert charging.process_charge(first, gateway=gw, now=retry_at) == "skipped:canceled:requires_payment_method"
+    with session_factory() as s:
+        assert s.get(Charge, first).next_retry_at is None  # out of the retry schedule
+    assert charging.retry_due(now=retry_at + timedelta(days=30), enqueue=lambda _id: None) == []
+    # Staff may still retry it by hand.
+    gw.script = lambda pm: None
+    assert charging.process_charge(first, gateway=gw, now=retry_at, manual=True) == "paid"
+
+
+def test_period_opened_just_before_cancel_is_void_not_charged(sub_id, session_factory):
+    gw = FakeGateway()
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    with session_factory() as s:
+        s.get(Subscription, sub_id).status = "canceled"
+        s.commit()
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "skipped:canceled:void"
+    assert gw.calls == []
