@@ -51,6 +51,26 @@ def charge_attempt(self, charge_id: int) -> None:
         raise self.retry(countdown=1 + random.uniform(0, 2))
 
 
+def enqueue_manual_retry(charge_id: int) -> None:
+    retry_charge_now.delay(charge_id)
+
+
+@app.task(bind=True, ignore_result=True, max_retries=CHARGE_MAX_RETRIES)
+def retry_charge_now(self, charge_id: int) -> None:
+    """A staff "retry now": the scheduled run's exactly-once path, before the charge's retry time."""
+    try:
+        result = charging.process_charge(charge_id, manual=True)
+    except TemporaryStripeError as exc:
+        if self.request.retries >= self.max_retries:
+            log.warning("manual retry still failing temporarily; left to the reconciler",
+                        extra={"charge_id": charge_id, "error": type(exc).__name__})
+            return
+        raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
+    if result == "locked" and self.request.retries < self.max_retries:
+        raise self.retry(countdown=1 + random.uniform(0, 2))
+    log.info("manual retry finished", extra={"charge_id": charge_id, "result": result})
+
+
 @app.task(ignore_result=True)
 def retry_due_charges() -> None:
     charging.retry_due(now=None, enqueue=enqueue_charge)

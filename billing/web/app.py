@@ -95,12 +95,16 @@ def _check_redis() -> None:
 
 def create_app() -> FastAPI:
     from billing.stripe_gateway import StripeConfigError
-    from billing.web import api, webhooks
+    from billing.web import api, pages, webhooks
 
     app = FastAPI(title="Billing", version="1", summary="Recurring off-session card billing on Stripe",
                   responses={422: {"description": "Validation error", "model": api.ErrorBody}})
     app.include_router(api.router)
     app.include_router(webhooks.router)
+    app.include_router(pages.router)
+    from billing.web.finance import create_finance_app
+
+    app.mount("/finance", create_finance_app(), name="finance")
 
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(enrolment.EnrolmentError, _enrolment_error)
