@@ -170,26 +170,63 @@ def _wait_for(charge_ids: list[int], timeout: float) -> dict[int, str]:
 
 
 QUEUE_COLUMNS = ("charge", "customer", "amount", "currency", "status", "attempts", "last error", "next retry",
-                 "notified")
+                 "notified", "page opened", "card", "prev. auth")
 
 
 @app.command()
-def queue(as_json: bool = typer.Option(False, "--json", help="one JSON array instead of a table")) -> None:
-    """Show the retry queue: every charge not paid (or voided) now, soonest retry first."""
+def queue(
+    as_json: bool = typer.Option(False, "--json", help="one JSON array instead of a table"),
+    status: str | None = typer.Option(None, help="only this status (void included only when asked for)"),
+    decline_code: str | None = typer.Option(None, "--decline-code", help="e.g. insufficient_funds"),
+    country: str | None = typer.Option(None, help="card country, two letters"),
+    since: str | None = typer.Option(None, "--from", help="opened on or after this day (YYYY-MM-DD)"),
+    until: str | None = typer.Option(None, "--to", help="opened on or before this day (YYYY-MM-DD)"),
+    sort: str = typer.Option("next_retry", help="next_retry, created, amount or attempts"),
+    desc: bool = typer.Option(False, "--desc", help="largest / latest first"),
+    limit: int = typer.Option(1000, min=1, help="at most this many rows"),
+) -> None:
+    """Show the retry queue (every charge not paid), soonest retry first; the console's filters as flags."""
     settings_for()
-    from billing.queue import unpaid_charges
+    from billing.db import unit_of_work
+    from billing.queue import QueueFilter, QueueFilterError, count, unpaid_charges
 
-    rows = unpaid_charges()
+    try:
+        flt = QueueFilter.parse(status=status, decline_code=decline_code, country=country, date_from=since,
+                                date_to=until, sort=sort, direction="desc" if desc else "asc")
+    except QueueFilterError as exc:
+        fail(str(exc))
+    with unit_of_work() as uow:
+        rows = unpaid_charges(uow.session, limit=limit, flt=flt)
+        total = count(uow.session, flt) if len(rows) == limit else len(rows)
     if as_json:
         typer.echo(json.dumps([row.as_json() for row in rows], indent=2))
         return
     if not rows:
-        typer.echo("the retry queue is empty")
+        typer.echo("the retry queue is empty" if flt == QueueFilter(sort=flt.sort, descending=flt.descending)
+                   else "no charge matches these filters")
         return
-    table = [QUEUE_COLUMNS] + [row.as_cells() for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(QUEUE_COLUMNS))]
-    for r in table:
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    _print_queue(rows, total)
+
+
+def _print_queue(rows, total: int) -> None:
+    import shutil
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    # Piped into a file or another program, a row stays on one line instead of wrapping at 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else max(shutil.get_terminal_size().columns, 220),
+                      highlight=False)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for name in QUEUE_COLUMNS:
+        table.add_column(name, justify="right" if name in ("charge", "amount", "attempts") else "left",
+                         no_wrap=True)
+    for row in rows:
+        table.add_row(*row.as_cells())
+    console.print(table)
+    if total > len(rows):
+        console.print(f"{len(rows)} of {total} shown; narrow the filters or raise --limit")
 
 
 @app.command()
@@ -201,6 +238,43 @@ def demo(
     from billing import demo as demo_run
 
     raise typer.Exit(demo_run.run(serve=serve, web_port=port))
+
+
+staff_app = typer.Typer(no_args_is_help=True, help="Finance console accounts.")
+app.add_typer(staff_app, name="staff")
+
+
+@staff_app.command("add")
+def staff_add(
+    email: str = typer.Argument(..., help="the person's email address (their login)"),
+    role: str = typer.Option(..., help="viewer (reads) or operator (also acts on charges)"),
+) -> None:
+    """Create a finance console account. The password is asked for twice, or read from stdin when piped."""
+    settings_for()
+    from billing import staff
+
+    if sys.stdin.isatty():
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        created = staff.add_staff(email, password, role)
+    except staff.StaffError as exc:
+        fail(str(exc))
+    typer.echo(f"added {created.email} ({created.role})")
+
+
+@staff_app.command("revoke")
+def staff_revoke(email: str = typer.Argument(..., help="the account to sign out everywhere")) -> None:
+    """End every session of an account at once (a lost laptop, someone leaving)."""
+    settings_for()
+    from billing import staff
+
+    try:
+        n = staff.revoke_sessions(email)
+    except staff.StaffError as exc:
+        fail(str(exc))
+    typer.echo(f"ended {n} session(s) of {staff.normalize_email(email)}")
 
 
 def main() -> None:
