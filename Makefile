@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install demo test lint bench sandbox clean
+.PHONY: install browser demo test lint bench sandbox clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,10 +15,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The browser journeys drive Debian's Chromium (no browser downloads).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "Installing Debian's chromium for the browser tests…"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+
 demo: $(STAMP)
 	$(BIN)/billing demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check billing workers sandbox migrations tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -26,6 +33,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/sandbox_throughput.py
+	$(BIN)/python bench/run_due_bench.py
 
 sandbox: $(STAMP)
 	$(BIN)/billing sandbox
