@@ -67,3 +67,18 @@ class SetupResult:
     customer_id: str | None
     error_code: str | None = None
     error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class PaymentIntentView:
+    """A PaymentIntent as a customer page needs it: its outcome, plus what Stripe.js needs to finish
+    it on-session. ``client_secret`` lets whoever holds it confirm this one PaymentIntent from a
+    browser: it goes into a page body, never into a URL or a log line."""
+
+    outcome: PaymentOutcome
+    status: str
+    client_secret: str | None
+    amount: int
+    currency: str
+    customer_id: str | None
+    setup_future_usage: str | None

@@ -79,10 +79,13 @@ def link(token: str, purpose: Purpose | str) -> str:
     return f"{get_settings().public_url.rstrip('/')}/{Purpose(purpose).value}/{token}"
 
 
-def verify(session: Session, token: str, purpose: Purpose | str, *, now: datetime | None = None) -> RecoveryToken:
+def verify(session: Session, token: str, purpose: Purpose | str, *, now: datetime | None = None,
+           allow_used: bool = False) -> RecoveryToken:
     """The token's row if the link may be used now, else :class:`TokenError`.
 
     Checked in this order so the message is the most useful one: unknown, wrong purpose, used, expired.
+    ``allow_used`` accepts a link already used up (not an expired one): a page reporting the result
+    of what the link was used for, e.g. a payment the webhook settled a moment before the page asked.
     """
     purpose = Purpose(purpose)
     if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_LENGTH:
@@ -92,7 +95,7 @@ def verify(session: Session, token: str, purpose: Purpose | str, *, now: datetim
         raise TokenError(TokenProblem.unknown)
     if row.purpose != purpose.value:
         raise TokenError(TokenProblem.wrong_purpose)
-    if row.used_at is not None:
+    if row.used_at is not None and not allow_used:
         raise TokenError(TokenProblem.used)
     if row.expires_at <= (now or _utcnow()):
         raise TokenError(TokenProblem.expired)
@@ -119,3 +122,13 @@ def consume(session: Session, token_row: RecoveryToken, now: datetime | None = N
     if won is None:
         raise TokenError(TokenProblem.used)
     set_committed_value(token_row, "used_at", now)
+
+
+def consume_for_charge(session: Session, charge_id: int, now: datetime | None = None) -> int:
+    """Use up every recovery link of a charge that has been paid, whoever paid it (the page, the
+    webhook, a retry): a link to a settled payment must not open a payment page again."""
+    result = session.execute(
+        update(RecoveryToken).where(RecoveryToken.charge_id == charge_id,
+                                    RecoveryToken.purpose == Purpose.recover.value, RecoveryToken.used_at.is_(None))
+        .values(used_at=now or _utcnow()).execution_options(synchronize_session=False))
+    return result.rowcount or 0
