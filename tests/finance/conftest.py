@@ -1,0 +1,41 @@
+"""Fixtures for the finance console: a clean database with two staff accounts, and the console over
+HTTP in this process (``console``), whose follow-up jobs are recorded instead of sent to Celery."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from billing.web.finance import create_finance_app
+from tests.finance import support
+
+
+class RecordingJobs:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def retry_charge(self, charge_id: int) -> None:
+        self.calls.append(("retry_charge", charge_id))
+
+    def relay_outbox(self) -> None:
+        self.calls.append(("relay_outbox",))
+
+
+@pytest.fixture
+def accounts(database_url, clean_db):
+    support.truncate_staff(database_url)
+    support.add_accounts()
+
+
+@pytest.fixture
+def jobs() -> RecordingJobs:
+    return RecordingJobs()
+
+
+@pytest.fixture
+def console(accounts, jobs):
+    app = FastAPI()
+    app.mount("/finance", create_finance_app(jobs))
+    with TestClient(app) as client:
+        yield client
