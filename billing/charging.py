@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from billing import dunning, notifications, recovery
+from billing import dunning, metrics, notifications, recovery
 from billing.db import get_engine, unit_of_work
 from billing.models import (
     FINAL_CHARGE_STATUSES,
@@ -184,6 +184,10 @@ def process_charge(charge_id: int, *, gateway=None, now: datetime | None = None,
         if isinstance(claim, str):
             return claim
         outcome = _call_stripe(gateway, claim)
+        log.info("Stripe answered", extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id,
+                                           "outcome": outcome.kind.value,
+                                           "payment_intent_id": outcome.payment_intent_id,
+                                           "error_code": outcome.error_code, "decline_code": outcome.decline_code})
         return _finish(claim, outcome, now or utcnow())
 
 
@@ -230,7 +234,7 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
         attempt = s.scalars(select(Attempt).where(Attempt.charge_id == charge.id,
                                                   Attempt.phase == AttemptPhase.started)).first()
         resumed = attempt is not None
-        sub = s.get(Subscription, charge.subscription_id)
+        sub, customer = _subscription_and_customer(s, charge)
         if attempt is None:
             if not _chargeable(charge, now, manual):
                 return f"skipped:{charge.status}"
@@ -238,12 +242,9 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
                 _stop_after_cancel(charge, now)
                 uow.commit()
                 return f"skipped:canceled:{charge.status}"
-            attempt = _new_attempt(s, charge)
-        customer = s.get(Customer, sub.customer_id)
         pm = _payment_method_for(s, sub, customer)
         if not resumed:
-            attempt.payment_method_id = pm.id if pm else None
-            attempt.stripe_payment_method_id = pm.stripe_payment_method_id if pm else None
+            attempt = _new_attempt(s, charge, pm)
             charge.status = ChargeStatus.processing
             charge.attempts = attempt.number
             charge.updated_at = now
@@ -258,6 +259,9 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
                       "subscription_id": str(sub.id), "period_start": charge.period_start.isoformat()},
         )
         uow.commit()
+    log.info("charge claimed", extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id,
+                                      "subscription_id": claim.metadata["subscription_id"],
+                                      "attempt_number": claim.attempt_number, "resumed": claim.resumed})
     return claim
 
 
@@ -272,13 +276,20 @@ def _stop_after_cancel(charge: Charge, now: datetime) -> None:
     log.info("charge not attempted: subscription canceled", extra={"charge_id": charge.id})
 
 
-def _new_attempt(s: Session, charge: Charge) -> Attempt:
+def _subscription_and_customer(s: Session, charge: Charge) -> tuple[Subscription, Customer]:
+    return s.execute(select(Subscription, Customer).join(Customer, Customer.id == Subscription.customer_id)
+                     .where(Subscription.id == charge.subscription_id)).one()._tuple()
+
+
+def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None) -> Attempt:
     # The key names the row (its id is drawn before the insert) plus a random part: Stripe keeps keys
     # per account, and a restored database or a second installation on one account reuses ids.
     # Stored on the row, so a resumed attempt sends exactly the key it sent before.
     attempt_id = s.execute(text("SELECT nextval(pg_get_serial_sequence('attempts', 'id'))")).scalar_one()
     attempt = Attempt(id=attempt_id, charge_id=charge.id, number=charge.attempts + 1,
-                      idempotency_key=f"attempt-{attempt_id}-{secrets.token_hex(6)}", phase=AttemptPhase.started)
+                      idempotency_key=f"attempt-{attempt_id}-{secrets.token_hex(6)}", phase=AttemptPhase.started,
+                      payment_method_id=pm.id if pm else None,
+                      stripe_payment_method_id=pm.stripe_payment_method_id if pm else None)
     s.add(attempt)
     s.flush()
     return attempt
@@ -322,13 +333,16 @@ def _finish(claim: Claim, outcome: PaymentOutcome, now: datetime) -> str:
         attempt = s.get(Attempt, claim.attempt_id, populate_existing=True)
         if attempt.phase == AttemptPhase.finished:
             return "already-finished"
-        record_attempt_outcome(attempt, outcome, now)
-        if outcome.payment_intent_id and not charge.payment_intent_id:
-            charge.payment_intent_id = outcome.payment_intent_id
-        result = apply_outcome(s, charge, outcome, now=now, attempt_number=attempt.number)
+        with s.no_autoflush:  # one UPDATE per row at commit, not one per attribute group
+            record_attempt_outcome(attempt, outcome, now)
+            if outcome.payment_intent_id and not charge.payment_intent_id:
+                charge.payment_intent_id = outcome.payment_intent_id
+            result = apply_outcome(s, charge, outcome, now=now, attempt_number=attempt.number)
         uow.commit()
+    metrics.observe_attempt(outcome, result)
     log.info("charge attempt finished", extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id,
-                                               "outcome": outcome.kind.value, "decline_code": outcome.decline_code})
+                                               "outcome": outcome.kind.value, "decline_code": outcome.decline_code,
+                                               "status": result})
     return result
 
 
@@ -355,8 +369,7 @@ def apply_outcome(s: Session, charge: Charge, outcome: PaymentOutcome, *, now: d
     """
     if charge.status in FINAL_CHARGE_STATUSES:
         return f"ignored:{charge.status}"
-    sub = s.get(Subscription, charge.subscription_id)
-    customer = s.get(Customer, sub.customer_id)
+    sub, customer = _subscription_and_customer(s, charge)
     number = attempt_number or charge.attempts or 1
     decision = dunning.decide(outcome, attempt_number=number, first_failed_at=charge.first_failed_at, now=now,
                               config=dunning_config())
@@ -380,7 +393,9 @@ def apply_decision(s: Session, charge: Charge, sub: Subscription, customer: Cust
     charge.next_retry_at = decision.next_retry_at
     if decision.charge_status == ChargeStatus.paid:
         charge.paid_at = now
-        recovery.consume_for_charge(s, charge.id, now)
+        if decision.first_failed_at is not None:
+            # Only a charge that failed has recovery links out (and reminders, dropped below).
+            recovery.consume_for_charge(s, charge.id, now)
     if sub.status != SubscriptionStatus.canceled:
         sub.status = decision.subscription_status
     notifications.enqueue_decision(s, decision, charge=charge, customer=customer, attempt_number=number)

@@ -215,7 +215,7 @@ def enqueue_decision(session: Session, decision: Decision, *, charge: Charge, cu
     A paid charge drops its pending reminders instead.
     """
     written = 0
-    if decision.charge_status is ChargeStatus.paid:
+    if decision.charge_status is ChargeStatus.paid and decision.first_failed_at is not None:
         drop_pending_reminders(session, charge.id)
     if decision.notify is not None:
         key = (final_notice_key(charge.id) if decision.notify is NotificationKind.final_notice
