@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import exists, select
 
-from billing import charging, dunning
+from billing import charging, dunning, metrics
 from billing.db import unit_of_work
 from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Customer, Subscription
 from billing.outcomes import OutcomeKind, TemporaryStripeError
@@ -44,6 +44,7 @@ def sweep(*, now: datetime | None = None, enqueue: charging.Enqueue, gateway=Non
     report.requeued = requeue_stale(now=now, enqueue=enqueue, stale_after=stale_after)
     report.settled = settle_processing(now=now, gateway=gateway, stale_after=stale_after)
     report.given_up = give_up_overdue(now=now)
+    metrics.observe_reconciler(report)
     if report.requeued or report.settled or report.given_up:
         log.info("reconciler findings", extra={"requeued": len(report.requeued), "settled": len(report.settled),
                                                "given_up": len(report.given_up)})

@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import stripe
 
+from billing import metrics
 from billing.outcomes import (
     CardDetails,
     OutcomeKind,
@@ -189,10 +190,10 @@ class StripeGateway:
         options: dict = {"idempotency_key": idempotency_key} if idempotency_key else {}
         for attempt in range(1, self._max_sends + 1):
             if self._limiter is not None:
-                self._limiter.acquire(endpoint)
+                metrics.observe_rate_limit_wait(endpoint, self._limiter.acquire(endpoint))
             self.sends += 1
             try:
-                result = call(options)
+                result = metrics.stripe_call(endpoint, call, options)
                 # Plain dicts from here on: our code reads fields, it never calls back into the SDK.
                 return result.to_dict() if hasattr(result, "to_dict") else result
             except (stripe.AuthenticationError, stripe.PermissionError) as exc:

@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from billing import charging, enrolment
+from billing import charging, enrolment, metrics
 from billing.db import get_engine, unit_of_work
 from billing.models import (
     FINAL_CHARGE_STATUSES,
@@ -220,6 +220,8 @@ def accept(event: dict[str, Any], *, enqueue: Callable[[int], None]) -> Accepted
                                       .where(WebhookEvent.stripe_event_id == event["id"])).one()
         row_id, pending = row.id, row.processed_at is None
         uow.commit()
+    if not duplicate:
+        metrics.observe_webhook_lag(event["created"])
     log.info("webhook event received", extra={"event_id": event["id"], "event_type": event["type"],
                                               "event_row_id": row_id, "duplicate": duplicate})
     if pending:

@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from billing import enrolment
+from billing.metrics import register_backlog_collector
 from billing.outcomes import TemporaryStripeError
 from billing.web import metrics
 
@@ -125,7 +126,9 @@ def create_app() -> FastAPI:
             elapsed = time.perf_counter() - started
             metrics.HTTP_REQUESTS.labels(request.method, route, str(status)).inc()
             metrics.HTTP_LATENCY.labels(request.method, route).observe(elapsed)
-            log.info("%s %s %s %.1fms", request.method, route, status, elapsed * 1000)
+            log.info("%s %s %s %.1fms", request.method, route, status, elapsed * 1000,
+                     extra={"method": request.method, "route": route, "status": status,
+                            "duration_ms": round(elapsed * 1000, 1)})
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> JSONResponse:
@@ -141,6 +144,8 @@ def create_app() -> FastAPI:
         healthy = all(v == "ok" for v in checks.values())
         return JSONResponse(status_code=200 if healthy else 503,
                             content={"status": "ok" if healthy else "unavailable", "checks": checks})
+
+    register_backlog_collector()  # queue depth and outbox backlog, read at scrape time
 
     @app.get("/metrics", tags=["ops"], response_class=Response)
     def prometheus_metrics() -> Response:
