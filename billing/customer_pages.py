@@ -160,6 +160,8 @@ def complete_setup(token: str, *, gateway=None) -> SetupOutcome:
         setup = uow.session.get(CardSetup, row.card_setup_id) if row.card_setup_id else None
         if setup is None or setup.customer_id != row.customer_id:
             raise TokenError(TokenProblem.unknown)
+        if row.used_at is not None and setup.status != "succeeded":
+            raise TokenError(TokenProblem.used)
         setup_intent_id = setup.setup_intent_id
     view = enrolment.refresh_card_setup(setup_intent_id, gateway=gateway)
     outcome = SetupOutcome(status=view.setup.status, card=_card(view.payment_method),
@@ -214,6 +216,9 @@ def _load_recovery(token: str, *, allow_used: bool = False) -> tuple[RecoveryTok
         sub = s.get(Subscription, charge.subscription_id) if charge else None
         if sub is None or sub.customer_id != row.customer_id:
             raise TokenError(TokenProblem.unknown)
+        if row.used_at is not None and charge.status != ChargeStatus.paid:
+            # Only a payment may have used the link up for a result to report.
+            raise TokenError(TokenProblem.used)
         return row, _ChargeRef(charge.id, sub.customer_id, charge.payment_intent_id)
 
 
