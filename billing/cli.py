@@ -82,38 +82,58 @@ def migrate() -> None:
 def web(
     host: str = typer.Option("127.0.0.1", help="address to bind"),
     port: int = typer.Option(8000, help="port to listen on"),
+    loglevel: str = typer.Option("INFO", help="log level"),
 ) -> None:
     """Serve the HTTP app: JSON API, webhook endpoint, customer pages, finance console."""
     import uvicorn
 
+    from billing import logs
+
     settings_for("stripe_api_key")
-    logging.getLogger("billing").setLevel(logging.INFO)
+    logs.configure(level=loglevel, default_format="json")
     # uvicorn's access log would print raw paths, and customer pages carry tokens in theirs; the app
-    # logs each request by its route template instead.
+    # logs each request by its route template instead. log_config=None: uvicorn's loggers go through
+    # the handler configured above instead of its own.
     uvicorn.run("billing.web.app:create_app", factory=True, host=host, port=port, proxy_headers=True,
-                log_level="info", access_log=False)
+                log_level=loglevel.lower(), access_log=False, log_config=None)
 
 
 @app.command()
 def worker(
     concurrency: int = typer.Option(16, min=1, help="charges processed at once (threads)"),
     loglevel: str = typer.Option("INFO", help="log level"),
+    metrics_port: int = typer.Option(0, "--metrics-port", min=0, envvar="BILLING_WORKER_METRICS_PORT",
+                                     help="serve Prometheus metrics on this port (0: off)"),
+    metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", envvar="BILLING_WORKER_METRICS_HOST",
+                                     help="address for --metrics-port (0.0.0.0 to be scraped from elsewhere)"),
 ) -> None:
     """Run a Celery worker (threads pool: charging waits on Stripe and the database, not the CPU)."""
     settings_for("stripe_api_key")
+    from billing import metrics
+    from workers import observability
+    from workers.celery_app import TASK_QUEUE
     from workers.celery_app import app as celery_app
 
-    celery_app.worker_main(["worker", "--pool=threads", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
-                            f"--hostname=billing-{os.getpid()}@%h", "--without-mingle", "--without-gossip"])
+    fmt = observability.setup_logging(loglevel)
+    if metrics_port:
+        # One process (threads pool), so the default registry holds every thread's counts.
+        metrics.serve(metrics_port, metrics_host, TASK_QUEUE)
+    quiet = ["--quiet"] if fmt == "json" else []  # the banner is printed, not logged: one log line instead
+    celery_app.worker_main([*quiet, "worker", "--pool=threads", f"--concurrency={concurrency}",
+                            f"--loglevel={loglevel}", f"--hostname=billing-{os.getpid()}@%h", "--without-mingle",
+                            "--without-gossip"])
 
 
 @app.command()
 def beat(loglevel: str = typer.Option("INFO", help="log level")) -> None:
     """Run the scheduler. Start one per machine if you like: a Redis lock lets exactly one send tasks."""
     settings_for()
+    from workers import observability
     from workers.celery_app import app as celery_app
 
-    celery_app.start(["beat", "--scheduler=redbeat.RedBeatScheduler", f"--loglevel={loglevel}"])
+    fmt = observability.setup_logging(loglevel)
+    quiet = ["--quiet"] if fmt == "json" else []
+    celery_app.start([*quiet, "beat", "--scheduler=redbeat.RedBeatScheduler", f"--loglevel={loglevel}"])
 
 
 def parse_now(value: str | None) -> datetime | None:
@@ -278,8 +298,11 @@ def staff_revoke(email: str = typer.Argument(..., help="the account to sign out 
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from billing import logs
+
     try:
+        # Interactive commands print for people; web, worker and beat configure JSON lines themselves.
+        logs.configure(level=logging.WARNING, default_format="text", text_format="%(levelname)s %(name)s: %(message)s")
         app()
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
