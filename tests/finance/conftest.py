@@ -39,3 +39,15 @@ def console(accounts, jobs):
     app.mount("/finance", create_finance_app(jobs))
     with TestClient(app) as client:
         yield client
+
+
+# The real moving parts (sandbox, SMTP sink, Celery worker), shared with the integration tests.
+from tests.integration.conftest import (  # noqa: E402, F401
+    _sandbox_server,
+    _smtp_sink,
+    app_env,
+    sandbox,
+    smtp_server,
+    worker,
+    worker_factory,
+)
