@@ -33,6 +33,7 @@ from billing import customer_pages
 from billing.outcomes import TemporaryStripeError
 from billing.recovery import TokenError, TokenProblem
 from billing.settings import get_settings
+from billing.web.api import ErrorBody
 
 log = logging.getLogger(__name__)
 
@@ -91,15 +92,6 @@ class RecoveryCompleteOut(BaseModel):
     error_code: str | None = Field(description="why the on-session payment failed",
                                    examples=["payment_intent_authentication_failure", "card_declined"])
     error_message: str | None
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(examples=["link_expired"])
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
 
 
 _HTML_ERRORS: dict[int | str, dict[str, Any]] = {
