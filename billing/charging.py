@@ -277,8 +277,9 @@ def _stop_after_cancel(charge: Charge, now: datetime) -> None:
 
 
 def _subscription_and_customer(s: Session, charge: Charge) -> tuple[Subscription, Customer]:
-    return s.execute(select(Subscription, Customer).join(Customer, Customer.id == Subscription.customer_id)
-                     .where(Subscription.id == charge.subscription_id)).one()._tuple()
+    sub, customer = s.execute(select(Subscription, Customer).join(Customer, Customer.id == Subscription.customer_id)
+                              .where(Subscription.id == charge.subscription_id)).one()
+    return sub, customer
 
 
 def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None) -> Attempt:
