@@ -161,7 +161,8 @@ class BacklogCollector(Collector):
         from billing.db import get_engine
 
         with get_engine().connect() as conn:
-            conn.execute(text("SET LOCAL statement_timeout = :ms"), {"ms": int(self.timeout * 1000)})
+            conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"),
+                         {"ms": str(int(self.timeout * 1000))})
             return int(conn.execute(text(
                 "SELECT count(*) FROM notifications WHERE status = 'pending' AND send_after <= now()")).scalar_one())
 
@@ -170,6 +171,10 @@ class BacklogCollector(Collector):
         if future is None or future.done():
             future = self._pending[source] = self._pool.submit(read)
         return future.result(timeout=self.timeout)
+
+    def describe(self) -> list:
+        # Registering must not read Redis and the database (the default registry would call collect()).
+        return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("billing_backlog_source_up", "1 if the scrape-time read of a backlog source "
