@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import email
 import email.policy
+import json
 import os
 import secrets
 import signal
@@ -34,7 +35,7 @@ import httpx
 
 from billing import embedded
 
-DEMO_PASSWORD = "demo-password"  # noqa: S105 - the printed demo login, local only
+DEMO_PASSWORD = "demo-password-2026"  # noqa: S105 - the printed demo login, local only
 DEMO_STAFF = "finance@demo.example"
 
 
@@ -237,6 +238,9 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
         cycle(api, subs, now=None)
         relay_and_show(mail, since=0)
 
+        step("A customer recovers through the emailed link")
+        recover_one(api, mail, sandbox, "katherine@demo.example")
+
         step("Billing cycle 2: one period later")
         next_period = datetime.now(UTC) + timedelta(days=32)
         sandbox.control.advance(32 * 86400)
@@ -286,13 +290,10 @@ def _forget_cached_settings() -> None:
 
 
 def _add_demo_staff() -> None:
-    """A finance login for the console, when the console is installed."""
-    try:
-        from billing.finance import staff
-    except ImportError:
-        return
-    with contextlib.suppress(Exception):
-        staff.add_staff(DEMO_STAFF, DEMO_PASSWORD, role="operator")
+    """An operator login for the finance console (the database is fresh on every demo)."""
+    from billing import staff
+
+    staff.add_staff(DEMO_STAFF, DEMO_PASSWORD, role="operator")
 
 
 def enrol_all(api: httpx.Client, sandbox) -> dict[int, Persona]:
@@ -364,6 +365,28 @@ def relay_and_show(mail: MailCatcher, since: int) -> None:
         say(f"    to {msg['To']}: {msg['Subject']}")
         if link:
             say(f"        {link}")
+
+
+def recover_one(api: httpx.Client, mail: MailCatcher, sandbox, address: str) -> None:
+    """What the customer's browser does on /recover/<token> when they pay with a new card: Stripe.js
+    confirms the same PaymentIntent with the client secret from the page, then the page reports back
+    and the server reads the outcome from Stripe."""
+    link = next((w for m in mail.messages if address in str(m["To"])
+                 for w in m.get_body(("plain",)).get_content().split() if "/recover/" in w), None)
+    if link is None:
+        say(f"    no recovery email for {address}")
+        return
+    page = api.get(link)
+    data = json.loads(page.text.split('id="page-data">', 1)[1].split("</script>", 1)[0])
+    say(f"    {address} opens the link: {data.get('amount_display', '')} owed, pays with a new card")
+    intent_id = data["client_secret"].split("_secret_")[0]
+    httpx.post(f"{sandbox.url}/v1/payment_intents/{intent_id}/confirm", timeout=30,
+               data={"key": data["publishable_key"], "client_secret": data["client_secret"],
+                     "payment_method": "pm_card_visa", "setup_future_usage": "off_session"})
+    result = _ok(api.post(f"{link}/complete", json={}))
+    card = result.get("new_card") or {}
+    say(f"    the charge is {result['charge_status']}; the new card ({card.get('brand', '')} …{card.get('last4', '')}) "
+        "is now the subscription's default, and the link is used up")
 
 
 def _ok(response: httpx.Response) -> dict:

@@ -35,6 +35,8 @@ def test_demo_runs_end_to_end_with_nothing_configured(tmp_path):
     assert "authentication_required" in out and "lost_card" in out and "insufficient_funds" in out
     assert "(previous authorization)" in out
     assert "/recover/" in out and "email(s) sent by SMTP" in out
+    assert "the charge is paid; the new card" in out  # one recovery completed through the page's calls
+    assert "login finance@demo.example" in out
     assert "Stopped everything the demo started." in out
     # The embedded servers ran under the data dir given, not the machine's own services.
     assert (tmp_path / "data" / "demo" / "logs" / "worker.log").exists()
