@@ -192,16 +192,46 @@ def broker_url(data_dir: Path, db: int = 0) -> str:
     return f"redis://127.0.0.1:{state['port']}/{db}"
 
 
+def _wait_gone(pid: int | None, timeout: float = 10.0) -> None:
+    """Wait for a process to exit; terminate it, then kill it, if it will not."""
+    if not pid:
+        return
+    deadline = time.monotonic() + timeout
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + timeout / 2
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+            time.sleep(0.05)
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+    return None
+
+
 def stop(data_dir: Path) -> None:
-    """Stop the embedded servers started under ``data_dir`` (if any)."""
+    """Stop the embedded servers started under ``data_dir`` (if any), and wait until they are gone."""
     data_dir = Path(data_dir)
     with _locked(data_dir):
-        if _read_state(data_dir, "postgres") and (data_dir / "postgres" / "PG_VERSION").exists():
-            subprocess.run([_pg_bin("pg_ctl"), "-D", str(data_dir / "postgres"), "-m", "fast", "-w", "stop"],
+        pgdata = data_dir / "postgres"
+        if _read_state(data_dir, "postgres") and (pgdata / "PG_VERSION").exists():
+            pid = _postmaster_pid(pgdata)
+            subprocess.run([_pg_bin("pg_ctl"), "-D", str(pgdata), "-m", "fast", "-w", "stop"],
                            capture_output=True, **_pg_run_as())
+            _wait_gone(pid)
             _state_path(data_dir, "postgres").unlink(missing_ok=True)
         state = _read_state(data_dir, "redis")
         if state:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(state["pid"], signal.SIGTERM)
+            _wait_gone(state["pid"])
             _state_path(data_dir, "redis").unlink(missing_ok=True)
