@@ -46,7 +46,7 @@ from billing.models import (
     Subscription,
     SubscriptionStatus,
 )
-from billing.outcomes import OutcomeKind, PaymentOutcome
+from billing.outcomes import OutcomeKind, PaymentOutcome, TemporaryStripeError
 from billing.periods import period_bounds
 from billing.settings import get_settings
 
@@ -183,12 +183,48 @@ def process_charge(charge_id: int, *, gateway=None, now: datetime | None = None,
         claim = _claim(charge_id, now or utcnow(), manual)
         if isinstance(claim, str):
             return claim
-        outcome = _call_stripe(gateway, claim)
+        try:
+            outcome = _call_stripe(gateway, claim)
+        except TemporaryStripeError as exc:
+            if not exc.replayed:
+                raise
+            outcome = _after_replayed_error(gateway, claim, now or utcnow())
+            if outcome is None:
+                raise
         log.info("Stripe answered", extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id,
                                            "outcome": outcome.kind.value,
                                            "payment_intent_id": outcome.payment_intent_id,
                                            "error_code": outcome.error_code, "decline_code": outcome.decline_code})
         return _finish(claim, outcome, now or utcnow())
+
+
+def _after_replayed_error(gateway, claim: Claim, now: datetime) -> PaymentOutcome | None:
+    """Stripe replays the error it saved under this attempt's key (a 500 is kept for 24 h), so that
+    key is spent. If the request made a PaymentIntent after all, that is the outcome; if not, the
+    attempt is closed as abandoned and the charge made claimable again, so the next try is a new
+    attempt with a new key — still on the period's one PaymentIntent when it has one."""
+    if claim.payment_intent_id is None and claim.stripe_customer_id:
+        found = gateway.find_payment_intent(customer_id=claim.stripe_customer_id, attempt_id=claim.attempt_id)
+        if found is not None:
+            return found
+    with unit_of_work() as uow:
+        s = uow.session
+        charge = s.scalars(select(Charge).where(Charge.id == claim.charge_id).with_for_update()).one()
+        attempt = s.get(Attempt, claim.attempt_id, populate_existing=True)
+        if attempt.phase == AttemptPhase.started:
+            attempt.phase, attempt.finished_at, attempt.outcome = AttemptPhase.finished, now, "abandoned"
+            attempt.message = "Stripe replayed a saved server error for this idempotency key"
+            if charge.status == ChargeStatus.processing:
+                # Back to where it was claimable: a first try is pending, a retry is due now.
+                if charge.first_failed_at is None:
+                    charge.status = ChargeStatus.pending
+                else:
+                    charge.status, charge.next_retry_at = ChargeStatus.requires_payment_method, now
+                charge.updated_at = now
+        uow.commit()
+    log.warning("attempt abandoned after a replayed Stripe error; the next try uses a new key",
+                extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id})
+    return None
 
 
 _LOCK_NAMESPACE = 0x6269 << 48  # keeps these advisory lock keys apart from any other use
@@ -244,7 +280,7 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
                 return f"skipped:canceled:{charge.status}"
         pm = _payment_method_for(s, sub, customer)
         if not resumed:
-            attempt = _new_attempt(s, charge, pm)
+            attempt = _new_attempt(s, charge, pm, now)
             charge.status = ChargeStatus.processing
             charge.attempts = attempt.number
             charge.updated_at = now
@@ -253,7 +289,8 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
             idempotency_key=attempt.idempotency_key, resumed=resumed, amount=charge.amount,
             currency=charge.currency, stripe_customer_id=customer.stripe_customer_id,
             stripe_payment_method_id=attempt.stripe_payment_method_id,
-            mandate_id=pm.mandate_id if pm and pm.id == attempt.payment_method_id else None,
+            # The attempt's own record: a resend must carry exactly the parameters of the first send.
+            mandate_id=attempt.mandate_id,
             payment_intent_id=charge.payment_intent_id,
             metadata={"charge_id": str(charge.id), "attempt_id": str(attempt.id),
                       "subscription_id": str(sub.id), "period_start": charge.period_start.isoformat()},
@@ -282,7 +319,7 @@ def _subscription_and_customer(s: Session, charge: Charge) -> tuple[Subscription
     return sub, customer
 
 
-def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None) -> Attempt:
+def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None, now: datetime) -> Attempt:
     # The key names the row (its id is drawn before the insert) plus a random part: Stripe keeps keys
     # per account, and a restored database or a second installation on one account reuses ids.
     # Stored on the row, so a resumed attempt sends exactly the key it sent before.
@@ -290,7 +327,8 @@ def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None) -> Attemp
     attempt = Attempt(id=attempt_id, charge_id=charge.id, number=charge.attempts + 1,
                       idempotency_key=f"attempt-{attempt_id}-{secrets.token_hex(6)}", phase=AttemptPhase.started,
                       payment_method_id=pm.id if pm else None,
-                      stripe_payment_method_id=pm.stripe_payment_method_id if pm else None)
+                      stripe_payment_method_id=pm.stripe_payment_method_id if pm else None,
+                      mandate_id=pm.mandate_id if pm else None, started_at=now)
     s.add(attempt)
     s.flush()
     return attempt
@@ -366,9 +404,13 @@ def apply_outcome(s: Session, charge: Charge, outcome: PaymentOutcome, *, now: d
     emails to the outbox in this same transaction. Used by the charge task, webhooks, the
     reconciler and the recovery page, so every path decides the same way.
 
-    A charge in a final state stays there: a late or duplicated outcome changes nothing.
+    A charge in a final state stays there: a late or duplicated outcome changes nothing — except
+    money actually collected: a charge given up (``uncollectible``) or written off (``void``) whose
+    PaymentIntent succeeded after all (the customer paid on a page opened before) becomes ``paid``,
+    because Stripe has the money and the books must say so.
     """
-    if charge.status in FINAL_CHARGE_STATUSES:
+    if charge.status == ChargeStatus.paid or (
+            charge.status in FINAL_CHARGE_STATUSES and outcome.kind is not OutcomeKind.succeeded):
         return f"ignored:{charge.status}"
     sub, customer = _subscription_and_customer(s, charge)
     number = attempt_number or charge.attempts or 1

@@ -240,11 +240,18 @@ def open_recovery(token: str, *, gateway=None) -> RecoveryPage:
         charge = s.get(Charge, ref.charge_id)
         if charge.status in FINAL_CHARGE_STATUSES:
             raise NothingToPay(charge.status)
+        # An attempt is being made right now (a scheduled or staff retry): offer nothing to pay until
+        # it has an outcome, or the page and the attempt could each make a PaymentIntent.
+        attempt_running = charge.status in charging.IN_FLIGHT
         recovery.mark_opened(s, s.get(RecoveryToken, row.id))
         uow.commit()
-    intent = (gw.payment_intent_for_customer(ref.payment_intent_id) if ref.payment_intent_id
-              else _create_intent(gw, ref))
-    if intent.status == "succeeded":
+    if attempt_running:
+        intent = None
+    elif ref.payment_intent_id:
+        intent = gw.payment_intent_for_customer(ref.payment_intent_id)
+    else:
+        intent = _create_intent(gw, ref)
+    if intent is not None and intent.status == "succeeded":
         # Paid in Stripe, not yet here (the webhook is on its way): settle it now, then show it.
         complete_recovery(token, gateway=gw)
     with unit_of_work() as uow:
@@ -259,35 +266,47 @@ def open_recovery(token: str, *, gateway=None) -> RecoveryPage:
             reason = "Your bank asked you to confirm this payment."
         elif charge.last_error_code:
             reason = explain_decline(charge.last_decline_code, charge.last_advice_code, charge.last_error_code)
-        secret = intent.client_secret if intent.status in PAYABLE_STATUSES and charge.status not in \
-            FINAL_CHARGE_STATUSES else None
+        payable = (intent is not None and intent.status in PAYABLE_STATUSES
+                   and charge.status not in (*FINAL_CHARGE_STATUSES, *charging.IN_FLIGHT))
+        secret = intent.client_secret if payable else None
         return RecoveryPage(
             charge_id=charge.id, charge_status=charge.status, customer_name=customer.name,
             merchant_name=settings.merchant_name, amount=charge.amount, currency=charge.currency,
             amount_display=format_amount(charge.amount, charge.currency),
             period_start=charge.period_start.date().isoformat(), period_end=charge.period_end.date().isoformat(),
             saved_card=_card(pm), saved_payment_method=pm.stripe_payment_method_id if pm else None,
-            reason=reason, intent_status=intent.status, client_secret=secret)
+            reason=reason, intent_status=intent.status if intent else "attempt_in_progress", client_secret=secret)
 
 
-def _create_intent(gw, ref: _ChargeRef) -> PaymentIntentView:
+def _create_intent(gw, ref: _ChargeRef) -> PaymentIntentView | None:
     """A period that fell due without a usable card has no PaymentIntent: make the one the customer
-    pays on the page, keyed by the charge so a reload finds the same one."""
-    with unit_of_work() as uow:
-        charge = uow.session.get(Charge, ref.charge_id)
-        customer = uow.session.get(Customer, ref.customer_id)
-        amount, currency, stripe_customer = charge.amount, charge.currency, customer.stripe_customer_id
-    if not stripe_customer:
-        stripe_customer = enrolment.ensure_stripe_customer(ref.customer_id, gateway=gw).stripe_customer_id
-    intent = gw.create_payment_intent_on_session(
-        customer_id=stripe_customer, amount=amount, currency=currency,
-        metadata={"charge_id": str(ref.charge_id)}, idempotency_key=f"recover-charge-{ref.charge_id}")
-    with unit_of_work() as uow:
-        charge = uow.session.scalars(select(Charge).where(Charge.id == ref.charge_id).with_for_update()).one()
-        if charge.payment_intent_id is None:
-            charge.payment_intent_id = intent.outcome.payment_intent_id
-        uow.commit()
-    return intent
+    pays on the page, keyed by the charge so a reload finds the same one.
+
+    Made only while holding the charge's in-flight lock and while no attempt is running, so a retry
+    and the page never make one PaymentIntent each; ``None`` when an attempt holds the charge."""
+    with charging.in_flight(ref.charge_id) as ours:
+        if not ours:
+            return None
+        with unit_of_work() as uow:
+            charge = uow.session.get(Charge, ref.charge_id)
+            customer = uow.session.get(Customer, ref.customer_id)
+            if charge.status in charging.IN_FLIGHT:
+                return None
+            existing = charge.payment_intent_id
+            amount, currency, stripe_customer = charge.amount, charge.currency, customer.stripe_customer_id
+        if existing:
+            return gw.payment_intent_for_customer(existing)
+        if not stripe_customer:
+            stripe_customer = enrolment.ensure_stripe_customer(ref.customer_id, gateway=gw).stripe_customer_id
+        intent = gw.create_payment_intent_on_session(
+            customer_id=stripe_customer, amount=amount, currency=currency,
+            metadata={"charge_id": str(ref.charge_id)}, idempotency_key=f"recover-charge-{ref.charge_id}")
+        with unit_of_work() as uow:
+            charge = uow.session.scalars(select(Charge).where(Charge.id == ref.charge_id).with_for_update()).one()
+            if charge.payment_intent_id is None:
+                charge.payment_intent_id = intent.outcome.payment_intent_id
+            uow.commit()
+        return intent
 
 
 @dataclass(frozen=True)

@@ -258,6 +258,7 @@ class Attempt(Base):
     phase: Mapped[str] = mapped_column(String(16), default=AttemptPhase.started)
     payment_method_id: Mapped[int | None] = mapped_column(ForeignKey("payment_methods.id", ondelete="SET NULL"))
     stripe_payment_method_id: Mapped[str | None] = mapped_column(String(64))
+    mandate_id: Mapped[str | None] = mapped_column(String(64))
     payment_intent_id: Mapped[str | None] = mapped_column(String(64))
     outcome: Mapped[str | None] = mapped_column(String(40))
     error_code: Mapped[str | None] = mapped_column(String(64))

@@ -42,7 +42,15 @@ class PaymentOutcome:
 class TemporaryStripeError(Exception):
     """Network error, 5xx, 429 (also ``lock_timeout``) or ``idempotency_key_in_use`` that outlasted the
     gateway's own retries. The request may or may not have been processed: resend it later with the
-    same idempotency key, never a new one."""
+    same idempotency key, never a new one.
+
+    ``replayed``: Stripe answered with the error it saved under this key the first time (a 500 is
+    saved and replayed for 24 h), so resending that key cannot succeed until it is pruned.
+    https://docs.stripe.com/api/idempotent_requests"""
+
+    def __init__(self, message: str = "", *, replayed: bool = False):
+        super().__init__(message)
+        self.replayed = replayed
 
 
 @dataclass(frozen=True)

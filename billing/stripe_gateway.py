@@ -136,6 +136,13 @@ def _intent_view(pi: Any) -> PaymentIntentView:
         setup_future_usage=pi.get("setup_future_usage"))
 
 
+def _replayed(exc: stripe.StripeError) -> bool:
+    """Stripe saved this error under the key and answered it again (``Idempotent-Replayed: true``)."""
+    headers = getattr(exc, "headers", None) or {}
+    value = next((v for k, v in headers.items() if k.lower() == "idempotent-replayed"), "")
+    return str(value).lower() == "true"
+
+
 def _card_details(pm: Any) -> CardDetails:
     card = pm.get("card") or {}
     customer = pm.get("customer")
@@ -201,11 +208,14 @@ class StripeGateway:
             except stripe.StripeError as exc:
                 if not _is_temporary(exc):
                     raise
-                log.warning("temporary Stripe error, resending with the same key",
+                replayed = _replayed(exc)
+                log.warning("temporary Stripe error" + (" replayed for this key" if replayed else
+                                                        ", resending with the same key"),
                             extra={"endpoint": endpoint, "http_status": getattr(exc, "http_status", None),
                                    "code": getattr(exc, "code", None), "send": attempt})
-                if attempt == self._max_sends:
-                    raise TemporaryStripeError(f"{endpoint}: {type(exc).__name__} {exc.http_status or ''}") from exc
+                if attempt == self._max_sends or replayed:
+                    raise TemporaryStripeError(f"{endpoint}: {type(exc).__name__} {exc.http_status or ''}",
+                                               replayed=replayed) from exc
                 # Full jitter: spread the resends of many workers instead of stampeding together.
                 self._sleep(random.uniform(0, self._backoff_base * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")

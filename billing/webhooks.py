@@ -437,7 +437,9 @@ def _handle_payment_intent(s: Session, row: WebhookEvent, ctx: _Context, fetched
     charge = _find_charge(s, pi)
     if charge is None:
         return "unknown_object"
-    if charge.status in FINAL_CHARGE_STATUSES:
+    if charge.status == ChargeStatus.paid or (charge.status in FINAL_CHARGE_STATUSES
+                                              and row.type != "payment_intent.succeeded"):
+        # A success still counts on a charge given up or written off: the money was collected.
         return "ignored"
     if _attempt_in_flight(s, charge.id):
         raise EventDeferred(f"an attempt at charge {charge.id} is in flight")
@@ -453,6 +455,11 @@ def _handle_payment_intent(s: Session, row: WebhookEvent, ctx: _Context, fetched
     outcome = fetched or outcome_from_payment_intent(pi)
     if _recorded_by(latest, outcome, charge):
         return "unchanged"
+    if (outcome.kind is not OutcomeKind.succeeded and latest is not None
+            and _created_at(row) < latest.started_at - CLOCK_SKEW):
+        # About an earlier attempt: the latest one began after this happened and has its own outcome.
+        # (A success is never stale: whenever it happened, the money was collected.)
+        return "stale"
     if fetched is None:
         # The snapshot may be older than what the latest attempt learnt from Stripe's own answer,
         # or than an event of the same second: apply Stripe's current state instead.

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 
 from billing import charging, reconciler
-from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Notification, Subscription
+from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Notification, PaymentMethod, Subscription
 from billing.outcomes import TemporaryStripeError
 from tests import factories
 from tests.fakes import FakeGateway, auth_required, declined
@@ -228,3 +228,24 @@ def test_period_opened_just_before_cancel_is_void_not_charged(sub_id, session_fa
         s.commit()
     assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "skipped:canceled:void"
     assert gw.calls == []
+
+
+def test_resumed_attempt_resends_the_mandate_it_was_first_sent_with(clean_db, session_factory):
+    with session_factory() as s:
+        customer = factories.make_customer(s)
+        pm = factories.make_payment_method(s, customer, mandate_id="mandate_1")
+        factories.make_subscription(s, customer, next_charge_at=NOW - timedelta(hours=1))
+        s.commit()
+        pm_id = pm.id
+    gw = FakeGateway(fail_next=["before"])
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    with pytest.raises(TemporaryStripeError):
+        charging.process_charge(charge_id, gateway=gw, now=NOW)
+    # Meanwhile the mandate was revoked and cleared from the card (mandate.updated webhook).
+    with session_factory() as s:
+        s.get(PaymentMethod, pm_id).mandate_id = None
+        s.commit()
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "paid"
+    sends = [c for c in gw.calls if c[0] == "create"]
+    assert len(sends) == 2 and {c[1]["mandate"] for c in sends} == {"mandate_1"}
+    assert len({c[1]["key"] for c in sends}) == 1
