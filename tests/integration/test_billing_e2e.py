@@ -16,49 +16,13 @@ from sqlalchemy import select
 from billing import charging, notifications, reconciler
 from billing.models import Attempt, Charge, Customer, PaymentMethod
 from billing.stripe_gateway import get_gateway
-from tests import factories
+from tests.integration.billing_helpers import SETTLED, enqueue, enrol
 from tests.integration.conftest import ROOT, billing_command, wait_until
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
-SETTLED = {"paid", "authentication_required", "requires_payment_method", "uncollectible", "void"}
-
-
-def enrol(session_factory, sandbox, card: str, *, email: str | None = None, amount: int = 2500,
-          currency: str = "eur", due: datetime | None = None, declines_later: str | None = None) -> int:
-    """A customer with ``card`` saved through a real SetupIntent (3DS completed when asked) and a
-    subscription due now; ``declines_later`` makes the issuer decline the saved card from then on.
-    Returns the subscription id."""
-    gw = get_gateway()
-    email = email or f"{card.lower()}@example.com"
-    cus = gw.create_customer(email=email, name=card, idempotency_key=f"test-cus-{email}")
-    setup = gw.create_setup_intent(customer_id=cus, payment_method=card, idempotency_key=f"test-si-{email}")
-    if setup.status == "requires_action":
-        sandbox.control.complete_3ds(setup.setup_intent_id)
-        setup = gw.retrieve_setup_intent(setup.setup_intent_id)
-    assert setup.status == "succeeded", setup
-    details = gw.retrieve_payment_method(setup.payment_method_id)
-    if declines_later:
-        sandbox.control.decline_later(details.payment_method_id, declines_later)
-    with session_factory() as s:
-        customer = factories.make_customer(s, email=email, stripe_customer_id=cus)
-        factories.make_payment_method(s, customer, stripe_payment_method_id=details.payment_method_id,
-                                      last4=details.last4, country=details.country,
-                                      fingerprint=details.fingerprint, mandate_id=setup.mandate_id)
-        due = due or datetime.now(UTC) - timedelta(minutes=1)
-        sub = factories.make_subscription(s, customer, amount=amount, currency=currency, anchor_at=due,
-                                          next_charge_at=due)
-        s.commit()
-        return sub.id
-
-
-def enqueue(charge_id: int) -> None:
-    from workers.tasks import enqueue_charge
-
-    enqueue_charge(charge_id)
-
-
 def statuses(session_factory) -> dict[int, str]:
+    """Charge status by subscription (one charge per subscription in these tests)."""
     with session_factory() as s:
         return dict(s.execute(select(Charge.subscription_id, Charge.status)).all())
 
@@ -84,7 +48,8 @@ def test_each_outcome_class_through_a_real_worker(app_env, sandbox, smtp_server,
         "pm_card_authenticationRequiredChargeDeclinedInsufficientFunds": "requires_payment_method",
         "pm_card_chargeCustomerFail": "requires_payment_method",
     }
-    subs = {enrol(session_factory, sandbox, card): expected for card, expected in cards.items()}
+    subs = {enrol(session_factory, sandbox, card, email=f"{card.lower()}@example.com"): expected
+            for card, expected in cards.items()}
     # A card saved fine and reported lost since: a hard decline.
     lost_sub = enrol(session_factory, sandbox, "pm_card_visa", email="lost@example.com", declines_later="lost_card")
     subs[lost_sub] = "requires_payment_method"
