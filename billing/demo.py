@@ -212,10 +212,14 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
     _forget_cached_settings()
     procs = Processes(env, base / "logs")
 
-    def on_sigterm(_signum, _frame):
+    def on_stop(_signum, _frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # Ctrl-C and a plain kill both end the demo cleanly (SIGINT is set explicitly: a shell that
+    # started us in the background would have left it ignored).
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    story_told = False
     try:
         step("Applying migrations")
         from billing import migrate
@@ -255,6 +259,7 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
         say(f"    Finance console  {public_url}/finance/   login {DEMO_STAFF} / {DEMO_PASSWORD}")
         say(f"    API docs         {public_url}/docs")
         say("    Recovery links   in the emails above (open one in a browser: Stripe.js is the sandbox's)")
+        story_told = True
         if serve:
             say("\nThe web app, worker, sandbox and mail catcher keep running. Press Ctrl-C to stop everything.")
             while web.poll() is None:
@@ -262,7 +267,8 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
         return 0
     except KeyboardInterrupt:
         say("\nStopping…")
-        return 130
+        # Ctrl-C is how a served demo ends; only an interrupted story is a failure.
+        return 0 if story_told else 130
     finally:
         procs.stop()
         sandbox.stop()

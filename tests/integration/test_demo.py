@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
+import httpx
 import psutil
 
-from tests.integration.conftest import ROOT, billing_command
+from tests.integration.conftest import ROOT, billing_command, wait_until
 
 
 def _our_children_left(before: set[int]) -> list[str]:
@@ -23,14 +25,28 @@ def _safe_cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
-def test_demo_runs_end_to_end_with_nothing_configured(tmp_path):
+def test_demo_runs_end_to_end_with_nothing_configured_and_stops_on_ctrl_c(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BILLING_", "TEST_"))}
     env["BILLING_DATA_DIR"] = str(tmp_path / "data")  # keep the developer's own .billing/ out of it
     before = {p.pid for p in psutil.process_iter()}
-    result = subprocess.run([*billing_command(), "demo", "--no-serve"], env=env, cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    out = result.stdout
-    assert result.returncode == 0, out[-3000:] + result.stderr[-3000:]
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([*billing_command(), "demo"], env=env, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: "Press Ctrl-C" in log_path.read_text() or proc.poll() is not None, timeout=240,
+                   interval=0.5, message="the demo to tell its story")
+        out = log_path.read_text()
+        assert proc.poll() is None, out[-3000:]
+        # The web app stays up with the finance console.
+        console = out.split("Finance console", 1)[1].split()[0]
+        assert httpx.get(console.replace("/finance/", "/healthz"), timeout=10).status_code == 200
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log_path.read_text()
     assert "Billing cycle 1" in out and "Billing cycle 2" in out
     assert "authentication_required" in out and "lost_card" in out and "insufficient_funds" in out
     assert "(previous authorization)" in out
