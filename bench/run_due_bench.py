@@ -79,6 +79,7 @@ def main() -> None:
                                  capture_output=True, text=True, check=True).stdout
             elapsed = time.monotonic() - started
             after = sandbox.control.requests()
+            created = sorted(entry["created"] for entry in sandbox.control.ledger())[args.sample:]
         finally:
             for w in workers:
                 w.terminate()
@@ -92,7 +93,12 @@ def main() -> None:
     rate = charges / elapsed
     print(out.strip())
     print(f"charges/s:               {rate:.1f}  ({rate / 25:.2f} of the 25/s PaymentIntent budget)")
-    print(f"wall time:               {elapsed:.1f} s for {charges} charges")
+    print(f"wall time:               {elapsed:.1f} s for {charges} charges (process start, opening the periods "
+          "and the last answers included)")
+    if len(created) > 1 and created[-1] > created[0]:
+        steady = (len(created) - 1) / (created[-1] - created[0])
+        print(f"steady rate at Stripe:   {steady:.1f} charges/s  ({steady / 25:.2f} of the budget; first to last "
+              "successful charge in the sandbox's ledger)")
     print(f"429s served by Stripe:   {served_429}")
     print(f"SQL statements/charge:   {sql_per_charge:.1f}  (claim + apply, in-process sample of {args.sample})")
 
