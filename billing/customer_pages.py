@@ -62,6 +62,7 @@ from billing.notifications import format_amount
 from billing.outcomes import CardDetails, OutcomeKind, PaymentIntentView
 from billing.recovery import Purpose, TokenError, TokenProblem
 from billing.settings import get_settings
+from billing.stripe_gateway import intent_view
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +335,7 @@ def complete_recovery(token: str, *, gateway=None) -> RecoveryOutcome:
         raise TokenError(TokenProblem.unknown)
     intent = gw.payment_intent_for_customer(ref.payment_intent_id)
     outcome = intent.outcome
-    card = _new_card_to_save(gw, ref, intent)
+    card = _new_card_to_save(gw, ref.customer_id, intent)
     now = _utcnow()
     new_card = None
     with charging.in_flight(ref.charge_id) as ours:
@@ -364,16 +365,44 @@ def complete_recovery(token: str, *, gateway=None) -> RecoveryOutcome:
                            error_message=outcome.message if failed else None)
 
 
-def _new_card_to_save(gw, ref: _ChargeRef, intent: PaymentIntentView) -> CardDetails | None:
+def adopt_card_paid_with(payment_intent: dict, *, gateway=None) -> bool:
+    """A PaymentIntent paid on the recovery page with a new card saved for off-session use: that card
+    becomes the customer's default — also when the customer closed the tab before the page reported
+    back, and only the ``payment_intent.succeeded`` webhook tells us. Returns whether a card was saved."""
+    intent = intent_view(payment_intent)
+    if intent.customer_id is None:
+        return False
+    with unit_of_work() as uow:
+        customer = uow.session.scalars(select(Customer).where(
+            Customer.stripe_customer_id == intent.customer_id)).first()
+        customer_id = customer.id if customer else None
+    if customer_id is None:
+        return False
+    card = _new_card_to_save(_gateway(gateway), customer_id, intent)
+    if card is None:
+        return False
+    with unit_of_work() as uow:
+        customer = uow.session.get(Customer, customer_id)
+        try:
+            enrolment.save_payment_method(uow.session, customer, card, saved_at=_utcnow())
+        except enrolment.Conflict:
+            log.warning("card paid with on the recovery page belongs to another customer; not saved",
+                        extra={"customer_id": customer_id})
+            return False
+        uow.commit()
+    return True
+
+
+def _new_card_to_save(gw, customer_id: int, intent: PaymentIntentView) -> CardDetails | None:
     """The card a succeeded PaymentIntent was paid with, if it is a new one saved for off-session use."""
     pm_id = intent.outcome.payment_method_id
     if intent.status != "succeeded" or intent.setup_future_usage != "off_session" or not pm_id:
         return None
     with unit_of_work() as uow:
         known = uow.session.scalars(select(PaymentMethod).where(
-            PaymentMethod.stripe_payment_method_id == pm_id, PaymentMethod.customer_id == ref.customer_id,
+            PaymentMethod.stripe_payment_method_id == pm_id, PaymentMethod.customer_id == customer_id,
             PaymentMethod.detached_at.is_(None))).first()
-        customer = uow.session.get(Customer, ref.customer_id)
+        customer = uow.session.get(Customer, customer_id)
         is_default = known is not None and customer.default_payment_method_id == known.id
     if is_default:
         return None

@@ -127,7 +127,8 @@ def _is_temporary(exc: stripe.StripeError) -> bool:
     return isinstance(exc, stripe.APIError) and (status >= 500 or status == 409 or status == 0)
 
 
-def _intent_view(pi: Any) -> PaymentIntentView:
+def intent_view(pi: Any) -> PaymentIntentView:
+    """A PaymentIntent object (from an API answer or a webhook event) as the customer pages see it."""
     customer = pi.get("customer")
     return PaymentIntentView(
         outcome=outcome_from_payment_intent(pi), status=pi["status"], client_secret=pi.get("client_secret"),
@@ -278,7 +279,7 @@ class StripeGateway:
         flow"), https://docs.stripe.com/js/payment_intents/confirm_card_payment"""
         pi = self._send("GET /v1/payment_intents/:id",
                         lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
-        return _intent_view(pi)
+        return intent_view(pi)
 
     def create_payment_intent_on_session(self, *, customer_id: str, amount: int, currency: str,
                                          metadata: dict[str, str], idempotency_key: str) -> PaymentIntentView:
@@ -289,7 +290,7 @@ class StripeGateway:
                   "payment_method_types": ["card"], "metadata": metadata}
         pi = self._send("POST /v1/payment_intents",
                         lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key=idempotency_key)
-        return _intent_view(pi)
+        return intent_view(pi)
 
     def find_payment_intent(self, *, customer_id: str, attempt_id: int) -> PaymentOutcome | None:
         """The PaymentIntent an attempt created, found by our metadata when its id never reached us

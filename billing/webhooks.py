@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from billing import charging, enrolment, metrics
+from billing import charging, customer_pages, enrolment, metrics
 from billing.db import get_engine, unit_of_work
 from billing.models import (
     FINAL_CHARGE_STATUSES,
@@ -296,10 +296,22 @@ def process(event_row_id: int, *, gateway=None, now: datetime | None = None) -> 
             outcome = _mark_simple(event_row_id, "unknown_type", ctx.now)
         else:
             outcome = _run(handler, event_row_id, ctx)
+    if type_ == "payment_intent.succeeded" and outcome != "already_processed":
+        _adopt_new_card(event_row_id, ctx)
     if outcome != "already_processed":
         log.info("webhook event processed", extra={"event_row_id": event_row_id, "event_type": type_,
                                                    "outcome": outcome})
     return outcome
+
+
+def _adopt_new_card(event_row_id: int, ctx: _Context) -> None:
+    """A payment made on the recovery page with a new card saved for later (``setup_future_usage``):
+    the card becomes the default even if the page never reported back. Idempotent: a card already
+    the default is left alone."""
+    with unit_of_work() as uow:
+        pi = uow.session.get(WebhookEvent, event_row_id).payload["data"]["object"]
+    if pi.get("setup_future_usage") == "off_session":
+        customer_pages.adopt_card_paid_with(pi, gateway=ctx.get_gateway())
 
 
 Handler = Callable[[Session, WebhookEvent, _Context, Any], str]

@@ -250,3 +250,32 @@ def test_failed_authentication_is_shown_and_changes_nothing(pages_env, sandbox, 
         assert row.used_at is None and row.opened_at is not None
     # The customer can try again on the same page.
     assert customer_pages.open_recovery(token).payable
+
+
+def test_new_card_paid_on_the_page_becomes_default_through_the_webhook_alone(pages_env, sandbox, session_factory):
+    """The customer pays with a new card and closes the tab: the page never reports back, and the
+    payment_intent.succeeded webhook must both settle the charge and make that card the default."""
+    from billing import webhooks
+    from billing.models import Customer, PaymentMethod
+    from tests.stripe_events import event
+
+    charge_id, token = _waiting_charge(sandbox, "pm_card_authenticationRequired")
+    page = customer_pages.open_recovery(token)
+    pi_id = page.client_secret.split("_secret_")[0]
+    resp = httpx.post(f"{sandbox.url}/v1/payment_intents/{pi_id}/confirm", data={
+        "key": PK, "client_secret": page.client_secret, "payment_method": "pm_card_visa",
+        "setup_future_usage": "off_session"})
+    assert resp.status_code == 200 and resp.json()["status"] == "succeeded", resp.text
+    paid_with = resp.json()["payment_method"]
+
+    row = webhooks.accept(event("payment_intent.succeeded", resp.json()), enqueue=lambda _id: None).event_row_id
+    assert webhooks.process(row) == "applied"
+    with session_factory() as s:
+        charge = s.get(Charge, charge_id)
+        customer = s.get(Customer, s.get(Subscription, charge.subscription_id).customer_id)
+        default = s.get(PaymentMethod, customer.default_payment_method_id)
+        sub = s.get(Subscription, charge.subscription_id)
+        assert charge.status == "paid"
+        assert default.stripe_payment_method_id == paid_with and sub.payment_method_id == default.id
+    # The same event again changes nothing (the card is the default already).
+    assert webhooks.process(row) == "already_processed"
