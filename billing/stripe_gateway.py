@@ -343,7 +343,8 @@ class StripeGateway:
                             idempotency_key=idempotency_key)
         except stripe.CardError as exc:
             body = (exc.json_body or {}).get("error", {})
-            si = body.get("setup_intent") or self._client.v1.setup_intents.retrieve(setup_intent_id).to_dict()
+            si = body.get("setup_intent") or self._send(
+                "GET /v1/setup_intents/:id", lambda o: self._client.v1.setup_intents.retrieve(setup_intent_id, None, o))
             return _setup_result(si, error=body)
         return _setup_result(si)
 
