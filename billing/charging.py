@@ -420,6 +420,10 @@ def apply_outcome(s: Session, charge: Charge, outcome: PaymentOutcome, *, now: d
         charge.last_error_code = outcome.error_code
         charge.last_decline_code = outcome.decline_code
         charge.last_advice_code = outcome.advice_code
+    if outcome.kind is OutcomeKind.canceled and charge.payment_intent_id == outcome.payment_intent_id:
+        # A canceled PaymentIntent can never succeed: the next try (a retry, the recovery page) makes
+        # a new one instead of re-confirming a dead one.
+        charge.payment_intent_id = None
     apply_decision(s, charge, sub, customer, decision, now=now, number=number)
     if decision.alert:
         log.error("charge failed on a request Stripe refused; check the card or customer",

@@ -89,7 +89,7 @@ def web(
 
     from billing import logs
 
-    settings_for("stripe_api_key")
+    settings_for("stripe_api_key", "secret_key")
     logs.configure(level=loglevel, default_format="json")
     # uvicorn's access log would print raw paths, and customer pages carry tokens in theirs; the app
     # logs each request by its route template instead. log_config=None: uvicorn's loggers go through

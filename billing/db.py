@@ -35,7 +35,9 @@ def resolve_database_url(settings: Settings) -> str:
 
 
 def make_engine(url: str, **kwargs) -> Engine:
-    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, **kwargs)
+    # A charge task holds two connections (its in-flight lock and a transaction), a webhook task up to
+    # three: room for a worker's default 16 threads at once without waiting on the pool.
+    engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=50, **kwargs)
 
     @event.listens_for(engine, "connect")
     def _set_timeouts(dbapi_conn, _record):

@@ -43,7 +43,7 @@ def sweep(*, now: datetime | None = None, enqueue: charging.Enqueue, gateway=Non
     report = SweepReport()
     report.requeued = requeue_stale(now=now, enqueue=enqueue, stale_after=stale_after)
     report.settled = settle_processing(now=now, gateway=gateway, stale_after=stale_after)
-    report.given_up = give_up_overdue(now=now)
+    report.given_up = give_up_overdue(now=now, gateway=gateway)
     metrics.observe_reconciler(report)
     if report.requeued or report.settled or report.given_up:
         log.info("reconciler findings", extra={"requeued": len(report.requeued), "settled": len(report.settled),
@@ -107,25 +107,59 @@ def settle_processing(*, now: datetime, gateway=None, stale_after: timedelta = S
     return settled
 
 
-def give_up_overdue(*, now: datetime, limit: int = 1000) -> list[int]:
-    """Charges waiting on the customer (authentication, a new card) whose horizon has passed."""
+def give_up_overdue(*, now: datetime, gateway=None, limit: int = 1000) -> list[int]:
+    """Charges waiting on the customer (authentication, a new card) whose horizon has passed.
+
+    Stripe is asked first how each one's PaymentIntent stands: a customer who paid on the recovery
+    page while the webhook went astray gets their payment recorded, not a final notice."""
     config = charging.dunning_config()
     cutoff = now - config.give_up_after
-    given_up = []
     with unit_of_work() as uow:
-        s = uow.session
-        charges = s.scalars(
-            select(Charge).where(
+        rows = uow.session.execute(
+            select(Charge.id, Charge.payment_intent_id).where(
                 Charge.status.in_([ChargeStatus.authentication_required, ChargeStatus.requires_payment_method]),
                 Charge.first_failed_at <= cutoff)
-            .order_by(Charge.first_failed_at).limit(limit).with_for_update(skip_locked=True)).all()
-        for charge in charges:
+            .order_by(Charge.first_failed_at).limit(limit)).all()
+    given_up = []
+    for charge_id, pi_id in rows:
+        outcome = _current_outcome(pi_id, gateway)
+        if outcome is _UNREACHABLE:
+            continue  # asked again at the next sweep
+        with unit_of_work() as uow:
+            s = uow.session
+            charge = s.scalars(select(Charge).where(Charge.id == charge_id)
+                               .with_for_update(skip_locked=True)).first()
+            if charge is None or charge.status not in (ChargeStatus.authentication_required,
+                                                       ChargeStatus.requires_payment_method):
+                continue
+            if outcome is not None and outcome.kind in (OutcomeKind.succeeded, OutcomeKind.processing):
+                charging.apply_outcome(s, charge, outcome, now=now)
+                uow.commit()
+                continue
             decision = dunning.decide_give_up(charge.first_failed_at, now, config)
             if decision is None:
                 continue
             sub = s.get(Subscription, charge.subscription_id)
             customer = s.get(Customer, sub.customer_id)
             charging.apply_decision(s, charge, sub, customer, decision, now=now, number=charge.attempts or 1)
-            given_up.append(charge.id)
-        uow.commit()
+            uow.commit()
+            given_up.append(charge_id)
     return given_up
+
+
+_UNREACHABLE = object()
+
+
+def _current_outcome(payment_intent_id: str | None, gateway):
+    """The PaymentIntent's outcome now (None when the charge never got one), or ``_UNREACHABLE``."""
+    if payment_intent_id is None:
+        return None
+    if gateway is None:
+        from billing.stripe_gateway import get_gateway
+
+        gateway = get_gateway()
+    try:
+        return gateway.retrieve_payment_intent(payment_intent_id)
+    except TemporaryStripeError:
+        log.warning("could not reach Stripe before giving a charge up", extra={"payment_intent_id": payment_intent_id})
+        return _UNREACHABLE

@@ -206,6 +206,11 @@ class StripeGateway:
                 return result.to_dict() if hasattr(result, "to_dict") else result
             except (stripe.AuthenticationError, stripe.PermissionError) as exc:
                 raise StripeConfigError(f"Stripe refused the API key ({exc.http_status})") from None
+            except stripe.IdempotencyError as exc:
+                # The key was first used with other parameters (a restored database, another
+                # installation on the account): it is spent, like a replayed error.
+                raise TemporaryStripeError(f"{endpoint}: idempotency key used with other parameters",
+                                           replayed=True) from exc
             except stripe.StripeError as exc:
                 if not _is_temporary(exc):
                     raise

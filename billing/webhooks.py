@@ -296,7 +296,8 @@ def process(event_row_id: int, *, gateway=None, now: datetime | None = None) -> 
             outcome = _mark_simple(event_row_id, "unknown_type", ctx.now)
         else:
             outcome = _run(handler, event_row_id, ctx)
-    if type_ == "payment_intent.succeeded" and outcome != "already_processed":
+    if type_ == "payment_intent.succeeded":
+        # Also on a redelivery: if Stripe was unreachable the first time, the task's retry finishes it.
         _adopt_new_card(event_row_id, ctx)
     if outcome != "already_processed":
         log.info("webhook event processed", extra={"event_row_id": event_row_id, "event_type": type_,

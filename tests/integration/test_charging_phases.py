@@ -162,8 +162,8 @@ def test_authentication_required_waits_for_customer_and_gives_up_at_horizon(sub_
         assert s.get(Subscription, sub_id).status == "past_due"
         notes = s.scalars(select(Notification.kind)).all()
     assert notes.count("authentication_required") == 1 and "reminder" in notes
-    assert reconciler.give_up_overdue(now=NOW + timedelta(days=13)) == []
-    assert reconciler.give_up_overdue(now=NOW + timedelta(days=15)) == [charge_id]
+    assert reconciler.give_up_overdue(now=NOW + timedelta(days=13), gateway=gw) == []
+    assert reconciler.give_up_overdue(now=NOW + timedelta(days=15), gateway=gw) == [charge_id]
     with session_factory() as s:
         charge = s.get(Charge, charge_id)
         statuses = dict(s.execute(select(Notification.kind, Notification.status)).all())
@@ -249,3 +249,32 @@ def test_resumed_attempt_resends_the_mandate_it_was_first_sent_with(clean_db, se
     sends = [c for c in gw.calls if c[0] == "create"]
     assert len(sends) == 2 and {c[1]["mandate"] for c in sends} == {"mandate_1"}
     assert len({c[1]["key"] for c in sends}) == 1
+
+
+def test_give_up_asks_stripe_first_and_records_a_payment_whose_webhook_was_lost(sub_id, session_factory):
+    from billing.outcomes import OutcomeKind, PaymentOutcome
+
+    gw = FakeGateway(script=lambda pm: auth_required())
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    charging.process_charge(charge_id, gateway=gw, now=NOW)
+    # The customer authenticated on the recovery page; the webhook never arrived.
+    gw.intents["pi_fake_1"]["outcome"] = PaymentOutcome(kind=OutcomeKind.succeeded, payment_intent_id="pi_fake_1")
+    assert reconciler.give_up_overdue(now=NOW + timedelta(days=15), gateway=gw) == []
+    with session_factory() as s:
+        assert s.get(Charge, charge_id).status == ChargeStatus.paid
+        assert s.get(Subscription, sub_id).status == "active"
+        kinds = set(s.scalars(select(Notification.kind).where(Notification.status != "dropped")))
+    assert "final_notice" not in kinds
+
+
+def test_a_canceled_payment_intent_is_replaced_not_reconfirmed(sub_id, session_factory):
+    from billing.outcomes import OutcomeKind, PaymentOutcome
+
+    outcomes = [PaymentOutcome(kind=OutcomeKind.canceled, error_code="payment_intent_canceled"), None]
+    gw = FakeGateway(script=lambda pm: outcomes.pop(0))
+    [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "requires_payment_method"
+    with session_factory() as s:
+        assert s.get(Charge, charge_id).payment_intent_id is None  # the dead one is let go
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW, manual=True) == "paid"
+    assert [c[0] for c in gw.calls] == ["create", "create"]  # a new PaymentIntent, not a confirm

@@ -54,6 +54,13 @@ def test_missing_stripe_key_is_one_line(base_env, command):
     assert result.stderr.strip() == "error: BILLING_STRIPE_API_KEY is required but not set"
 
 
+def test_web_without_a_secret_key_refuses_to_start(base_env):
+    env = {k: v for k, v in base_env.items() if k != "BILLING_SECRET_KEY"}
+    result = run_billing("web", env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: BILLING_SECRET_KEY is required but not set"
+
+
 def test_bad_now_is_one_clear_line(base_env):
     result = run_billing("run-due", "--now", "yesterday-ish", env=base_env)
     assert result.returncode == 2
