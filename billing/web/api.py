@@ -125,7 +125,9 @@ def create_card_setup(customer_id: int, body: CardSetupIn | None = None,
     if view.error_code:
         return JSONResponse(status_code=402, content={"error": {
             "code": view.error_code, "message": view.setup.last_error_message or "the card was declined",
-            "setup_intent_id": view.setup.setup_intent_id, "status": view.setup.status}})
+            "setup_intent_id": view.setup.setup_intent_id, "status": view.setup.status,
+            # The customer can still save another card on this same SetupIntent's page.
+            "setup_url": view.setup_url}})
     return CardSetupCreated(setup_intent_id=view.setup.setup_intent_id, status=view.setup.status,
                             client_secret=view.client_secret, setup_url=view.setup_url)
 

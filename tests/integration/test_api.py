@@ -203,6 +203,7 @@ def test_declined_card_on_setup_is_402_with_stripe_code(client):
                        json={"payment_method": "pm_card_chargeDeclinedInsufficientFunds"})
     err = assert_error(resp, 402, "card_declined")
     assert err["setup_intent_id"].startswith("seti_")
+    assert err["setup_url"].startswith("http://billing.test/setup/")  # another card can be tried there
     assert count(PaymentMethod) == 0
     with unit_of_work() as uow:
         setup = uow.session.scalars(select(CardSetup)).one()
