@@ -34,7 +34,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -48,6 +48,7 @@ from billing.models import (
     Notification,
     NotificationStatus,
     PaymentMethod,
+    RecoveryToken,
     Subscription,
 )
 from billing.settings import Settings, get_settings
@@ -346,10 +347,42 @@ def _render_time_context(row: Notification, charge: Charge | None,
     return extra
 
 
+# While a row's email is being handed to SMTP (outside any transaction) the row is not due for this
+# long, so no other relay picks it up; if the relay dies mid-send, the row comes due again after it.
+SEND_LEASE = timedelta(minutes=10)
+
+
 def _relay_one(factory: sessionmaker[Session] | None, mailer: _Mailer, settings: Settings,
                now: datetime) -> str | None:
-    """Send the next due row in its own transaction: "sent", "dropped", "failed" or None (none due).
-    Raises :class:`_ServerUnavailable` after recording the failure when SMTP cannot be reached."""
+    """Send the next due row: "sent", "dropped", "failed" or None (none due). Raises
+    :class:`_ServerUnavailable` after recording the failure when SMTP cannot be reached.
+
+    Three steps, so no transaction stays open while SMTP talks (ARCHITECTURE practice 4): claim the
+    row, issue its link and render the email (committed, with the row leased); send; record.
+    """
+    claimed = _claim_and_render(factory, settings, now)
+    if claimed is None or isinstance(claimed, str):
+        return claimed
+    row_id, token_id, message, ids = claimed
+    try:
+        mailer.send(message)
+    except Exception as exc:
+        _record_failure(factory, row_id, token_id, exc, now)
+        log.warning("notification not sent, will retry", extra={**ids, "error": type(exc).__name__},
+                    exc_info=not isinstance(exc, _ServerUnavailable | smtplib.SMTPException))
+        if isinstance(exc, _ServerUnavailable):
+            raise
+        return "failed"
+    with unit_of_work(factory) as uow:
+        row = uow.session.get(Notification, row_id, with_for_update=True)
+        charge = uow.session.get(Charge, row.charge_id) if row.charge_id is not None else None
+        _mark_sent(uow.session, row, charge, now)
+        uow.commit()
+    log.info("notification sent", extra=ids)
+    return "sent"
+
+
+def _claim_and_render(factory, settings: Settings, now: datetime):
     with unit_of_work(factory) as uow:
         session = uow.session
         row = session.scalars(
@@ -368,35 +401,31 @@ def _relay_one(factory: sessionmaker[Session] | None, mailer: _Mailer, settings:
             return "dropped"
         customer = session.get(Customer, row.customer_id)
         subscription = session.get(Subscription, charge.subscription_id) if charge is not None else None
-        unavailable: _ServerUnavailable | None = None
-        try:
-            # The token is part of the email: if the email does not go out, neither does the token.
-            with session.begin_nested():
-                link = None
-                if row.kind in LINK_KINDS and charge is not None:
-                    token = recovery.issue_token(session, customer_id=row.customer_id,
-                                                 purpose=recovery.Purpose.recover, charge_id=charge.id, now=now)
-                    link = recovery.link(token, recovery.Purpose.recover)
-                extra = _render_time_context(row, charge, subscription)
-                email = render(row.kind, row.context or {}, link=link, **extra)
-                mailer.send(build_message(row, customer, email, settings=settings, now=now))
-        except Exception as exc:
-            if isinstance(exc, _ServerUnavailable):
-                unavailable = exc
-            row.tries += 1
-            row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
-            row.send_after = now + _backoff(row.tries)
-            uow.commit()
-            log.warning("notification not sent, will retry",
-                        extra={**ids, "tries": row.tries, "error": type(exc).__name__},
-                        exc_info=not isinstance(exc, _ServerUnavailable | smtplib.SMTPException))
-            if unavailable is not None:
-                raise unavailable from None
-            return "failed"
-        _mark_sent(session, row, charge, now)
+        link = token_id = None
+        if row.kind in LINK_KINDS and charge is not None:
+            token = recovery.issue_token(session, customer_id=row.customer_id,
+                                         purpose=recovery.Purpose.recover, charge_id=charge.id, now=now)
+            token_id = session.scalars(select(RecoveryToken.id).where(
+                RecoveryToken.token_hash == recovery.hash_token(token))).one()
+            link = recovery.link(token, recovery.Purpose.recover)
+        extra = _render_time_context(row, charge, subscription)
+        email = render(row.kind, row.context or {}, link=link, **extra)
+        message = build_message(row, customer, email, settings=settings, now=now)
+        row.send_after = now + SEND_LEASE
         uow.commit()
-        log.info("notification sent", extra=ids)
-        return "sent"
+        return row.id, token_id, message, ids
+
+
+def _record_failure(factory, row_id: int, token_id: int | None, exc: Exception, now: datetime) -> None:
+    """The email did not go out: neither does its link (the token is deleted); retry with backoff."""
+    with unit_of_work(factory) as uow:
+        row = uow.session.get(Notification, row_id, with_for_update=True)
+        row.tries += 1
+        row.last_error = f"{type(exc).__name__}: {exc}"[:1000]
+        row.send_after = now + _backoff(row.tries)
+        if token_id is not None:
+            uow.session.execute(delete(RecoveryToken).where(RecoveryToken.id == token_id))
+        uow.commit()
 
 
 def relay_due(*, now: datetime | None = None, limit: int = 100, smtp_url: str | None = None,
