@@ -28,12 +28,13 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from billing import dunning, metrics, notifications, recovery
+from billing import dunning, metrics, notifications, recovery, stripe_gateway
+from billing.clock import utcnow
 from billing.db import get_engine, unit_of_work
 from billing.models import (
     FINAL_CHARGE_STATUSES,
@@ -54,9 +55,6 @@ log = logging.getLogger(__name__)
 
 Enqueue = Callable[[int], None]
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def dunning_config() -> dunning.DunningConfig:
@@ -173,10 +171,7 @@ def process_charge(charge_id: int, *, gateway=None, now: datetime | None = None,
     Raises :class:`~billing.outcomes.TemporaryStripeError` when Stripe could not be reached: the
     attempt stays ``started`` and a later call resumes it with the same key.
     """
-    if gateway is None:
-        from billing.stripe_gateway import get_gateway
-
-        gateway = get_gateway()
+    gateway = stripe_gateway.resolve(gateway)
     with in_flight(charge_id) as ours:
         if not ours:
             return "busy"

@@ -41,11 +41,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from sqlalchemy import select
 
-from billing import charging, enrolment, recovery
+from billing import charging, enrolment, recovery, stripe_gateway
+from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.dunning import explain_decline
 from billing.models import (
@@ -77,17 +77,6 @@ class NothingToPay(Exception):
         self.status = status
         super().__init__(f"charge is {status}")
 
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _gateway(gateway=None):
-    if gateway is not None:
-        return gateway
-    from billing.stripe_gateway import get_gateway
-
-    return get_gateway()
 
 
 @dataclass(frozen=True)
@@ -130,7 +119,7 @@ def open_setup(token: str, *, gateway=None) -> SetupPage:
         recovery.mark_opened(s, row)
         setup_intent_id, customer_name = setup.setup_intent_id, customer.name
         uow.commit()
-    result = _gateway(gateway).retrieve_setup_intent(setup_intent_id)
+    result = stripe_gateway.resolve(gateway).retrieve_setup_intent(setup_intent_id)
     if result.status == "succeeded":
         done = complete_setup(token, gateway=gateway)
         return SetupPage(customer_name, done.status, None, done.card, None, None)
@@ -234,7 +223,7 @@ def _saved_pm(s, sub: Subscription, customer: Customer) -> PaymentMethod | None:
 def open_recovery(token: str, *, gateway=None) -> RecoveryPage:
     """What ``/recover/{token}`` shows; raises :class:`~billing.recovery.TokenError` for a bad link and
     :class:`NothingToPay` for a charge that is void or uncollectible. Records ``opened_at``."""
-    gw = _gateway(gateway)
+    gw = stripe_gateway.resolve(gateway)
     row, ref = _load_recovery(token)
     with unit_of_work() as uow:
         s = uow.session
@@ -329,14 +318,14 @@ def complete_recovery(token: str, *, gateway=None) -> RecoveryOutcome:
     shows the error so the customer can try again. A link used up a moment ago (the webhook paid the
     charge first) is accepted here, so the page still reports the result.
     """
-    gw = _gateway(gateway)
+    gw = stripe_gateway.resolve(gateway)
     _row, ref = _load_recovery(token, allow_used=True)
     if not ref.payment_intent_id:
         raise TokenError(TokenProblem.unknown)
     intent = gw.payment_intent_for_customer(ref.payment_intent_id)
     outcome = intent.outcome
     card = _new_card_to_save(gw, ref.customer_id, intent)
-    now = _utcnow()
+    now = utcnow()
     new_card = None
     with charging.in_flight(ref.charge_id) as ours:
         if not ours:
@@ -378,13 +367,13 @@ def adopt_card_paid_with(payment_intent: dict, *, gateway=None) -> bool:
         customer_id = customer.id if customer else None
     if customer_id is None:
         return False
-    card = _new_card_to_save(_gateway(gateway), customer_id, intent)
+    card = _new_card_to_save(stripe_gateway.resolve(gateway), customer_id, intent)
     if card is None:
         return False
     with unit_of_work() as uow:
         customer = uow.session.get(Customer, customer_id)
         try:
-            enrolment.save_payment_method(uow.session, customer, card, saved_at=_utcnow())
+            enrolment.save_payment_method(uow.session, customer, card, saved_at=utcnow())
         except enrolment.Conflict:
             log.warning("card paid with on the recovery page belongs to another customer; not saved",
                         extra={"customer_id": customer_id})

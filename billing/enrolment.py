@@ -26,7 +26,8 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from billing import recovery
+from billing import recovery, stripe_gateway
+from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.models import (
     AuditEntry,
@@ -77,17 +78,6 @@ class InvalidInput(EnrolmentError):
 class Conflict(EnrolmentError):
     code = "conflict"
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def _gateway(gateway=None):
-    if gateway is not None:
-        return gateway
-    from billing.stripe_gateway import get_gateway
-
-    return get_gateway()
 
 
 def _stripe_request(call, *args, **kwargs):
@@ -147,7 +137,8 @@ def ensure_stripe_customer(customer_id: int, *, gateway=None) -> Customer:
         return customer
     # Our row's id in the key (and in metadata, for after Stripe has pruned the key): a re-run
     # replays the first creation instead of making a second Stripe customer.
-    stripe_id = _stripe_request(_gateway(gateway).create_customer, email=customer.email, name=customer.name,
+    gw = stripe_gateway.resolve(gateway)
+    stripe_id = _stripe_request(gw.create_customer, email=customer.email, name=customer.name,
                                 metadata={"customer_id": str(customer.id)},
                                 idempotency_key=f"customer-{customer.id}")
     with unit_of_work() as uow:
@@ -202,7 +193,7 @@ def create_card_setup(customer_id: int, payment_method: str | None = None, *, re
     if payment_method is not None and not re.fullmatch(r"[A-Za-z0-9_]{3,255}", payment_method):
         raise InvalidInput("payment_method must be a Stripe PaymentMethod id such as pm_…", field="payment_method")
     customer = ensure_stripe_customer(customer_id, gateway=gateway)
-    gw = _gateway(gateway)
+    gw = stripe_gateway.resolve(gateway)
     if request_key:
         key = f"card-setup-{customer.id}-{hashlib.sha256(request_key.encode()).hexdigest()[:32]}"
     else:
@@ -237,7 +228,7 @@ def refresh_card_setup(setup_intent_id: str, *, gateway=None) -> CardSetupView:
         _keep(uow)
     if setup.status in FINAL_SETUP_STATUSES and (pm or setup.status != "succeeded"):
         return CardSetupView(setup=setup, payment_method=pm)
-    gw = _gateway(gateway)
+    gw = stripe_gateway.resolve(gateway)
     try:
         result = gw.retrieve_setup_intent(setup_intent_id)
         card = _card_for(gw, result)
@@ -340,9 +331,10 @@ def import_payment_method(customer_id: int, payment_method: str, saved_at: datet
     customer = ensure_stripe_customer(customer_id, gateway=gateway)
     # Usually the card is attached to the customer already (that is how it was saved); a card that is
     # not is attached now.
-    card = _stripe_request(_gateway(gateway).retrieve_payment_method, payment_method)
+    gw = stripe_gateway.resolve(gateway)
+    card = _stripe_request(gw.retrieve_payment_method, payment_method)
     if card.customer_id is None:
-        card = _stripe_request(_gateway(gateway).attach_payment_method, payment_method, customer.stripe_customer_id)
+        card = _stripe_request(gw.attach_payment_method, payment_method, customer.stripe_customer_id)
     if card.customer_id and card.customer_id != customer.stripe_customer_id:
         raise Conflict("this card is attached to another Stripe customer", code="payment_method_in_use")
     with unit_of_work() as uow:

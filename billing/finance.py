@@ -19,13 +19,14 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
 from billing import charging, notifications
+from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.dunning import NotificationKind, explain_decline
 from billing.models import (
@@ -94,9 +95,6 @@ class Jobs(Protocol):
 
     def relay_outbox(self) -> None: ...
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # --- actions --------------------------------------------------------------------------------------

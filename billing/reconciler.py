@@ -20,7 +20,8 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import exists, select
 
-from billing import charging, dunning, metrics
+from billing import charging, dunning, metrics, stripe_gateway
+from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Customer, Subscription
 from billing.outcomes import OutcomeKind, TemporaryStripeError
@@ -39,7 +40,7 @@ class SweepReport:
 
 def sweep(*, now: datetime | None = None, enqueue: charging.Enqueue, gateway=None,
           stale_after: timedelta = STALE_AFTER) -> SweepReport:
-    now = now or charging.utcnow()
+    now = now or utcnow()
     report = SweepReport()
     report.requeued = requeue_stale(now=now, enqueue=enqueue, stale_after=stale_after)
     report.settled = settle_processing(now=now, gateway=gateway, stale_after=stale_after)
@@ -85,10 +86,7 @@ def settle_processing(*, now: datetime, gateway=None, stale_after: timedelta = S
             .order_by(Charge.updated_at).limit(limit)).all()
     if not rows:
         return []
-    if gateway is None:
-        from billing.stripe_gateway import get_gateway
-
-        gateway = get_gateway()
+    gateway = stripe_gateway.resolve(gateway)
     settled = []
     for charge_id, pi_id in rows:
         try:
@@ -154,10 +152,7 @@ def _current_outcome(payment_intent_id: str | None, gateway):
     """The PaymentIntent's outcome now (None when the charge never got one), or ``_UNREACHABLE``."""
     if payment_intent_id is None:
         return None
-    if gateway is None:
-        from billing.stripe_gateway import get_gateway
-
-        gateway = get_gateway()
+    gateway = stripe_gateway.resolve(gateway)
     try:
         return gateway.retrieve_payment_intent(payment_intent_id)
     except TemporaryStripeError:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import set_committed_value
 
+from billing.clock import utcnow
 from billing.models import RecoveryToken
 from billing.settings import get_settings
 
@@ -53,9 +54,6 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
 
 def issue_token(session: Session, *, customer_id: int, purpose: Purpose | str, charge_id: int | None = None,
                 card_setup_id: int | None = None, ttl: timedelta = DEFAULT_TTL,
@@ -69,7 +67,7 @@ def issue_token(session: Session, *, customer_id: int, purpose: Purpose | str, c
     token = secrets.token_urlsafe(32)
     session.add(RecoveryToken(token_hash=hash_token(token), purpose=purpose.value, customer_id=customer_id,
                               charge_id=charge_id, card_setup_id=card_setup_id,
-                              expires_at=(now or _utcnow()) + ttl))
+                              expires_at=(now or utcnow()) + ttl))
     session.flush()
     return token
 
@@ -97,14 +95,14 @@ def verify(session: Session, token: str, purpose: Purpose | str, *, now: datetim
         raise TokenError(TokenProblem.wrong_purpose)
     if row.used_at is not None and not allow_used:
         raise TokenError(TokenProblem.used)
-    if row.expires_at <= (now or _utcnow()):
+    if row.expires_at <= (now or utcnow()):
         raise TokenError(TokenProblem.expired)
     return row
 
 
 def mark_opened(session: Session, token_row: RecoveryToken, now: datetime | None = None) -> None:
     """Record the first time the page was opened (finance sees whether the email was acted on)."""
-    now = now or _utcnow()
+    now = now or utcnow()
     session.execute(update(RecoveryToken).where(RecoveryToken.id == token_row.id, RecoveryToken.opened_at.is_(None))
                     .values(opened_at=now).execution_options(synchronize_session=False))
     if token_row.opened_at is None:
@@ -114,7 +112,7 @@ def mark_opened(session: Session, token_row: RecoveryToken, now: datetime | None
 def consume(session: Session, token_row: RecoveryToken, now: datetime | None = None) -> None:
     """Use the link up. A conditional UPDATE, so of two concurrent requests exactly one wins; the
     other (and any later one) gets ``TokenError(used)``."""
-    now = now or _utcnow()
+    now = now or utcnow()
     won = session.execute(
         update(RecoveryToken).where(RecoveryToken.id == token_row.id, RecoveryToken.used_at.is_(None))
         .values(used_at=now).returning(RecoveryToken.id).execution_options(synchronize_session=False)
@@ -130,5 +128,5 @@ def consume_for_charge(session: Session, charge_id: int, now: datetime | None = 
     result = session.execute(
         update(RecoveryToken).where(RecoveryToken.charge_id == charge_id,
                                     RecoveryToken.purpose == Purpose.recover.value, RecoveryToken.used_at.is_(None))
-        .values(used_at=now or _utcnow()).execution_options(synchronize_session=False))
+        .values(used_at=now or utcnow()).execution_options(synchronize_session=False))
     return result.rowcount or 0

@@ -19,12 +19,13 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from sqlalchemy import delete, func, select, update
 
+from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.models import LoginFailure, StaffRole, StaffSession, StaffUser
 from billing.settings import get_settings
@@ -63,9 +64,6 @@ class SignedIn:
     session_id: int
     csrf_token: str
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def normalize_email(email: str) -> str:

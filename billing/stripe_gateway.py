@@ -384,3 +384,8 @@ def get_gateway() -> StripeGateway:
 
     settings = get_settings()
     return build_gateway(settings, limiter_from_settings(settings))
+
+
+def resolve(gateway=None):
+    """``gateway`` when one is given (tests pass a fake of this interface), else the process's."""
+    return gateway if gateway is not None else get_gateway()

@@ -46,7 +46,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from billing import charging, customer_pages, enrolment, metrics
+from billing import charging, customer_pages, enrolment, metrics, stripe_gateway
 from billing.db import get_engine, unit_of_work
 from billing.models import (
     FINAL_CHARGE_STATUSES,
@@ -264,10 +264,7 @@ class _Context:
     now: datetime
 
     def get_gateway(self):
-        if self.gateway is None:
-            from billing.stripe_gateway import get_gateway
-
-            self.gateway = get_gateway()
+        self.gateway = stripe_gateway.resolve(self.gateway)
         return self.gateway
 
 
