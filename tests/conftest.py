@@ -8,8 +8,10 @@ gets its own freshly migrated database; tests that need a clean slate use ``clea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -76,22 +78,38 @@ def base_env(database_url, redis_url, tmp_path_factory) -> dict[str, str]:
     return env
 
 
+def reset_process_caches() -> None:
+    """Forget what this process read from the environment: settings, engine, gateway."""
+    from billing.settings import get_settings
+    from billing.stripe_gateway import get_gateway
+
+    get_settings.cache_clear()
+    billing_db.reset_engine()
+    get_gateway.cache_clear()
+
+
+@contextlib.contextmanager
+def environ_applied(env: dict[str, str]) -> Iterator[None]:
+    """``env`` set in this process (and its caches re-read) for the block, then put back."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    reset_process_caches()
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        reset_process_caches()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _settings_env(base_env):
     """Point in-process settings at the test servers (subprocesses get ``base_env`` explicitly)."""
-    from billing.settings import get_settings
-
-    saved = {k: os.environ.get(k) for k in base_env}
-    os.environ.update(base_env)
-    get_settings.cache_clear()
-    billing_db.reset_engine()
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    get_settings.cache_clear()
+    with environ_applied(base_env):
+        yield
 
 
 @pytest.fixture

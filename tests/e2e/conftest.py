@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from tests.conformance.conftest import localstripe_process  # noqa: F401
+from tests.conftest import environ_applied
 from tests.integration.conftest import (  # noqa: F401
     ROOT,
-    _reset_process_caches,
     _sandbox_server,
     _smtp_sink,
     app_env,
@@ -135,19 +135,9 @@ def stop_web(server: WebServer) -> None:
 def product_env(env: dict[str, str], extra: dict[str, str]) -> Iterator[dict[str, str]]:
     """Add ``extra`` to the product's environment: the dict the worker fixture starts processes with,
     and this process's (in-process calls such as the outbox relay render links from it)."""
-    saved = {k: os.environ.get(k) for k in extra}
     env.update(extra)
-    os.environ.update(extra)
-    _reset_process_caches()
-    try:
+    with environ_applied(extra):
         yield env
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _reset_process_caches()
 
 
 @dataclass

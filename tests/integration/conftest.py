@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import email
 import email.policy
 import os
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from billing import db as billing_db
+from tests.conftest import environ_applied
+from tests.conftest import reset_process_caches as _reset_process_caches  # noqa: F401 - used by other test modules
 
 ROOT = Path(__file__).resolve().parents[2]
 # Generous on purpose: the suite must stay green on a loaded two-core CI box.
@@ -132,17 +132,6 @@ def smtp_server(_smtp_sink):
 
 # --- the product's environment ----------------------------------------------------------------------
 
-def _reset_process_caches() -> None:
-    from billing.settings import get_settings
-
-    get_settings.cache_clear()
-    billing_db.reset_engine()
-    with contextlib.suppress(ImportError):
-        from billing.stripe_gateway import get_gateway
-
-        get_gateway.cache_clear()
-
-
 @pytest.fixture
 def app_env(base_env, sandbox, smtp_server) -> Iterator[dict[str, str]]:
     """``base_env`` plus the sandbox and SMTP server; applied to this process for the test too."""
@@ -152,16 +141,8 @@ def app_env(base_env, sandbox, smtp_server) -> Iterator[dict[str, str]]:
         "BILLING_STRIPE_API_KEY": sandbox.api_key,
         "BILLING_SMTP_URL": smtp_server.url,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _reset_process_caches()
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _reset_process_caches()
+    with environ_applied(env):
+        yield env
 
 
 # --- real worker processes ----------------------------------------------------------------------------
