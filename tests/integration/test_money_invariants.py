@@ -235,6 +235,25 @@ def test_saved_500_does_not_hold_a_charge_for_a_day(app_env, sandbox, session_fa
     assert result == "paid"
 
 
+def test_key_already_used_with_other_parameters_moves_on_to_a_new_key(app_env, sandbox, session_factory):
+    """A restored database (or a second installation on the account) sent another request under this
+    attempt's key: Stripe refuses the key, the attempt is abandoned, the next try pays once."""
+    enrol(session_factory, sandbox, "pm_card_visa")
+    [charge_id] = charging.run_due(enqueue=lambda _id: None).created
+    claim = charging._claim(charge_id, datetime.now(UTC), manual=False)  # then the worker dies
+    with session_factory() as s:
+        customer = s.scalars(select(Customer)).one().stripe_customer_id
+    stripe_client(sandbox).v1.customers.update(customer, {"name": "someone else's request"},
+                                               {"idempotency_key": claim.idempotency_key})
+    with pytest.raises(TemporaryStripeError):
+        charging.process_charge(charge_id)  # resumes: nothing found by metadata, the key is refused
+    assert get_charge(session_factory, charge_id).status == ChargeStatus.pending
+    assert charging.process_charge(charge_id) == "paid"
+    assert ledger_by_charge(sandbox) == {str(charge_id): 1}
+    with session_factory() as s:
+        assert s.scalars(select(Attempt.outcome).order_by(Attempt.number)).all() == ["abandoned", "succeeded"]
+
+
 # --- workers killed at random moments, with a flaky Stripe --------------------------------------------
 
 SECRET_MARKERS = ("sk_test_", "_secret_", "whsec_", "/recover/", "/setup/")
