@@ -28,16 +28,16 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from billing import dunning, metrics, notifications, recovery, stripe_gateway
+from billing import cards, dunning, metrics, notifications, ownership, recovery, state, stripe_gateway
 from billing.clock import utcnow
 from billing.db import get_engine, unit_of_work
+from billing.installation import installation_id
 from billing.models import (
-    FINAL_CHARGE_STATUSES,
     Attempt,
     AttemptPhase,
     Charge,
@@ -47,7 +47,7 @@ from billing.models import (
     Subscription,
     SubscriptionStatus,
 )
-from billing.outcomes import OutcomeKind, PaymentOutcome, TemporaryStripeError
+from billing.outcomes import ChargeGateway, OutcomeKind, PaymentOutcome, TemporaryStripeError
 from billing.periods import period_bounds
 from billing.settings import get_settings
 
@@ -74,27 +74,30 @@ def run_due(*, now: datetime | None = None, enqueue: Enqueue, batch_size: int = 
 
     Batches lock their subscriptions with ``SKIP LOCKED``, so concurrent runs (two beats, a manual
     ``run-due`` beside the scheduled one) split the work instead of repeating it; the unique
-    (subscription, period) constraint is the backstop. One period per subscription per run: a
-    subscription that is several periods behind catches up one period a run.
+    (subscription, period) constraint is the backstop. One open period at a time: a subscription
+    with a charge that is not final opens nothing (:func:`billing.state.has_open_charge`), so a
+    subscription several periods behind catches up one period a run, each after the last is decided.
+    Batches walk the subscriptions by id (keyset), so a run of any size sends a constant number of
+    parameters per query and a subscription that failed to open is not picked again in the same run.
     """
     now = now or utcnow()
     report = RunReport()
-    seen: set[int] = set()
+    after_id = 0
     while True:
         with unit_of_work() as uow:
             subs = uow.session.scalars(
                 select(Subscription)
                 .where(Subscription.status == SubscriptionStatus.active, Subscription.next_charge_at <= now,
-                       Subscription.id.not_in(seen) if seen else True)
-                .order_by(Subscription.next_charge_at)
+                       Subscription.id > after_id, ~state.has_open_charge())
+                .order_by(Subscription.id)
                 .limit(batch_size)
                 .with_for_update(skip_locked=True)
             ).all()
             if not subs:
                 return report
+            after_id = subs[-1].id
             created: list[int] = []
             for sub in subs:
-                seen.add(sub.id)
                 try:
                     with uow.session.begin_nested():
                         created.append(_open_period(uow.session, sub).id)
@@ -128,8 +131,15 @@ def enqueue_all(enqueue: Enqueue, charge_ids: tuple[int, ...]) -> None:
             log.exception("could not enqueue a charge", extra={"charge_id": charge_id})
 
 
-def retry_due(*, now: datetime | None = None, enqueue: Enqueue, limit: int = 1000) -> list[int]:
-    """Enqueue the charges whose scheduled dunning retry has come (index ``ix_charges_retry_due``)."""
+# A staff "retry now" whose task has not claimed the charge after this long is sent again.
+RETRY_REQUEST_GRACE = timedelta(seconds=30)
+
+
+def retry_due(*, now: datetime | None = None, enqueue: Enqueue, enqueue_manual: Enqueue | None = None,
+              limit: int = 1000) -> list[int]:
+    """Enqueue the charges whose scheduled dunning retry has come (index ``ix_charges_retry_due``),
+    and, with ``enqueue_manual``, the staff retries that no attempt has claimed yet (the task was
+    lost, or found the charge busy): a "retry now" is a durable request, not a fire-and-forget."""
     now = now or utcnow()
     with unit_of_work() as uow:
         ids = uow.session.scalars(
@@ -137,8 +147,17 @@ def retry_due(*, now: datetime | None = None, enqueue: Enqueue, limit: int = 100
                                     Charge.retry_paused.is_(False), Charge.next_retry_at <= now)
             .order_by(Charge.next_retry_at).limit(limit)
         ).all()
+        requested = [] if enqueue_manual is None else uow.session.scalars(
+            select(Charge.id).where(Charge.retry_requested_at <= now - RETRY_REQUEST_GRACE,
+                                    Charge.status.in_([ChargeStatus.requires_payment_method,
+                                                       ChargeStatus.needs_review]))
+            .order_by(Charge.retry_requested_at).limit(limit)
+        ).all()
     enqueue_all(enqueue, tuple(ids))
-    return list(ids)
+    if requested:
+        log.info("staff retries sent again", extra={"charge_ids": list(requested)})
+        enqueue_all(enqueue_manual, tuple(requested))
+    return list(ids) + list(requested)
 
 
 # --- one charge: claim → Stripe → apply ----------------------------------------------------------
@@ -161,7 +180,8 @@ class Claim:
     metadata: dict[str, str]
 
 
-def process_charge(charge_id: int, *, gateway=None, now: datetime | None = None, manual: bool = False) -> str:
+def process_charge(charge_id: int, *, gateway: ChargeGateway | None = None, now: datetime | None = None,
+                   manual: bool = False) -> str:
     """Run one attempt at a charge, resuming an unfinished one. Returns what happened, in a word:
     the charge's new status, ``skipped:<status>``, ``busy`` (another process is working on it),
     ``locked`` (its row is held for a moment; try again shortly) or ``missing``.
@@ -200,7 +220,7 @@ def _after_replayed_error(gateway, claim: Claim, now: datetime) -> PaymentOutcom
     attempt with a new key — still on the period's one PaymentIntent when it has one."""
     if claim.payment_intent_id is None and claim.stripe_customer_id:
         found = gateway.find_payment_intent(customer_id=claim.stripe_customer_id, attempt_id=claim.attempt_id)
-        if found is not None:
+        if found is not None and ownership.found_is_ours(found, claim, source=ownership.REPLAYED_ERROR):
             return found
     with unit_of_work() as uow:
         s = uow.session
@@ -212,10 +232,10 @@ def _after_replayed_error(gateway, claim: Claim, now: datetime) -> PaymentOutcom
             if charge.status == ChargeStatus.processing:
                 # Back to where it was claimable: a first try is pending, a retry is due now.
                 if charge.first_failed_at is None:
-                    charge.status = ChargeStatus.pending
+                    state.move_charge(charge, ChargeStatus.pending, now=now)
                 else:
-                    charge.status, charge.next_retry_at = ChargeStatus.requires_payment_method, now
-                charge.updated_at = now
+                    state.move_charge(charge, ChargeStatus.requires_payment_method, now=now)
+                    charge.next_retry_at = now
         uow.commit()
     log.warning("attempt abandoned after a replayed Stripe error; the next try uses a new key",
                 extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id})
@@ -248,6 +268,9 @@ def in_flight(charge_id: int) -> Iterator[bool]:
 def _chargeable(charge: Charge, now: datetime, manual: bool) -> bool:
     if charge.status == ChargeStatus.pending:
         return True
+    if charge.status == ChargeStatus.needs_review:
+        # Held for staff: only their "retry now" (after fixing the cause) attempts it again.
+        return manual
     if charge.status == ChargeStatus.requires_payment_method:
         if manual:
             return True
@@ -273,12 +296,13 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
                 _stop_after_cancel(charge, now)
                 uow.commit()
                 return f"skipped:canceled:{charge.status}"
-        pm = _payment_method_for(s, sub, customer)
+        pm = cards.card_for(s, sub, customer)
         if not resumed:
-            attempt = _new_attempt(s, charge, pm, now)
-            charge.status = ChargeStatus.processing
+            attempt = _new_attempt(s, charge, pm, now, manual=manual)
+            state.move_charge(charge, ChargeStatus.processing, now=now)
             charge.attempts = attempt.number
-            charge.updated_at = now
+        # A staff "retry now" waiting for this charge is served by this attempt, whichever path made it.
+        charge.retry_requested_at = None
         claim = Claim(
             charge_id=charge.id, attempt_id=attempt.id, attempt_number=attempt.number,
             idempotency_key=attempt.idempotency_key, resumed=resumed, amount=charge.amount,
@@ -287,8 +311,11 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
             # The attempt's own record: a resend must carry exactly the parameters of the first send.
             mandate_id=attempt.mandate_id,
             payment_intent_id=charge.payment_intent_id,
+            # installation and attempt_key make a PaymentIntent found by this metadata provably this
+            # attempt's (billing.ownership): ids repeat in another installation or a restored database.
             metadata={"charge_id": str(charge.id), "attempt_id": str(attempt.id),
-                      "subscription_id": str(sub.id), "period_start": charge.period_start.isoformat()},
+                      "subscription_id": str(sub.id), "period_start": charge.period_start.isoformat(),
+                      "installation": installation_id(), "attempt_key": attempt.idempotency_key},
         )
         uow.commit()
     log.info("charge claimed", extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id,
@@ -302,7 +329,7 @@ def _stop_after_cancel(charge: Charge, now: datetime) -> None:
     void; one already failing keeps its status (the customer may still pay it on the recovery page,
     staff may retry it) but leaves the automatic retry schedule."""
     if charge.status == ChargeStatus.pending:
-        charge.status = ChargeStatus.void
+        state.move_charge(charge, ChargeStatus.void, now=now)
     charge.next_retry_at = None
     charge.updated_at = now
     log.info("charge not attempted: subscription canceled", extra={"charge_id": charge.id})
@@ -314,13 +341,15 @@ def _subscription_and_customer(s: Session, charge: Charge) -> tuple[Subscription
     return sub, customer
 
 
-def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None, now: datetime) -> Attempt:
+def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None, now: datetime, *,
+                 manual: bool = False) -> Attempt:
     # The key names the row (its id is drawn before the insert) plus a random part: Stripe keeps keys
     # per account, and a restored database or a second installation on one account reuses ids.
     # Stored on the row, so a resumed attempt sends exactly the key it sent before.
     attempt_id = s.execute(text("SELECT nextval(pg_get_serial_sequence('attempts', 'id'))")).scalar_one()
     attempt = Attempt(id=attempt_id, charge_id=charge.id, number=charge.attempts + 1,
                       idempotency_key=f"attempt-{attempt_id}-{secrets.token_hex(6)}", phase=AttemptPhase.started,
+                      manual=manual,
                       payment_method_id=pm.id if pm else None,
                       stripe_payment_method_id=pm.stripe_payment_method_id if pm else None,
                       mandate_id=pm.mandate_id if pm else None, started_at=now)
@@ -329,14 +358,6 @@ def _new_attempt(s: Session, charge: Charge, pm: PaymentMethod | None, now: date
     return attempt
 
 
-def _payment_method_for(s: Session, sub: Subscription, customer: Customer) -> PaymentMethod | None:
-    """The subscription's card, else the customer's default; a detached card is no card."""
-    for pm_id in (sub.payment_method_id, customer.default_payment_method_id):
-        if pm_id is not None:
-            pm = s.get(PaymentMethod, pm_id)
-            if pm is not None and pm.detached_at is None:
-                return pm
-    return None
 
 
 def _call_stripe(gateway, claim: Claim) -> PaymentOutcome:
@@ -350,7 +371,7 @@ def _call_stripe(gateway, claim: Claim) -> PaymentOutcome:
                                            mandate_id=claim.mandate_id, idempotency_key=claim.idempotency_key)
     if claim.resumed:
         found = gateway.find_payment_intent(customer_id=claim.stripe_customer_id, attempt_id=claim.attempt_id)
-        if found is not None:
+        if found is not None and ownership.found_is_ours(found, claim, source=ownership.RESUME):
             log.info("resumed attempt found its PaymentIntent", extra={"charge_id": claim.charge_id,
                                                                        "attempt_id": claim.attempt_id})
             return found
@@ -371,7 +392,8 @@ def _finish(claim: Claim, outcome: PaymentOutcome, now: datetime) -> str:
             record_attempt_outcome(attempt, outcome, now)
             if outcome.payment_intent_id and not charge.payment_intent_id:
                 charge.payment_intent_id = outcome.payment_intent_id
-            result = apply_outcome(s, charge, outcome, now=now, attempt_number=attempt.number)
+            result = apply_outcome(s, charge, outcome, now=now, attempt_number=attempt.number,
+                                   attempt_id=attempt.id, manual=attempt.manual)
         uow.commit()
     metrics.observe_attempt(outcome, result)
     log.info("charge attempt finished", extra={"charge_id": claim.charge_id, "attempt_id": claim.attempt_id,
@@ -394,23 +416,36 @@ def record_attempt_outcome(attempt: Attempt, outcome: PaymentOutcome, now: datet
 # --- applying an outcome: the one place a charge changes state after Stripe answered -------------
 
 def apply_outcome(s: Session, charge: Charge, outcome: PaymentOutcome, *, now: datetime,
-                  attempt_number: int | None = None) -> str:
+                  attempt_number: int | None = None, attempt_id: int | None = None, manual: bool = False) -> str:
     """Move a locked charge (and its subscription) to where the dunning policy says, and write the
     emails to the outbox in this same transaction. Used by the charge task, webhooks, the
     reconciler and the recovery page, so every path decides the same way.
+
+    A request Stripe refused (:attr:`~billing.outcomes.OutcomeKind.refused`) holds the charge as
+    ``needs_review`` with an ERROR line naming it: no email, no retry; staff decide (finance actions).
 
     A charge in a final state stays there: a late or duplicated outcome changes nothing — except
     money actually collected: a charge given up (``uncollectible``) or written off (``void``) whose
     PaymentIntent succeeded after all (the customer paid on a page opened before) becomes ``paid``,
     because Stripe has the money and the books must say so.
+
+    A card decline advances the retry schedule (``charges.failures``) unless it answered a staff
+    retry (``manual``); the state machine refuses a move its table does not allow (logged, ignored).
     """
     if charge.status == ChargeStatus.paid or (
-            charge.status in FINAL_CHARGE_STATUSES and outcome.kind is not OutcomeKind.succeeded):
+            charge.status in state.FINAL and outcome.kind is not OutcomeKind.succeeded):
         return f"ignored:{charge.status}"
     sub, customer = _subscription_and_customer(s, charge)
     number = attempt_number or charge.attempts or 1
-    decision = dunning.decide(outcome, attempt_number=number, first_failed_at=charge.first_failed_at, now=now,
+    if outcome.kind is OutcomeKind.declined and not manual:
+        charge.failures += 1
+    decision = dunning.decide(outcome, failures=charge.failures, first_failed_at=charge.first_failed_at, now=now,
                               config=dunning_config())
+    if not state.can_move(charge.status, decision.charge_status):
+        log.warning("outcome ignored: the state machine refuses the move",
+                    extra={"charge_id": charge.id, "status": charge.status, "wanted": decision.charge_status.value,
+                           "outcome": outcome.kind.value})
+        return f"ignored:{charge.status}"
     if outcome.is_failure:
         charge.last_error_code = outcome.error_code
         charge.last_decline_code = outcome.decline_code
@@ -420,26 +455,38 @@ def apply_outcome(s: Session, charge: Charge, outcome: PaymentOutcome, *, now: d
         # a new one instead of re-confirming a dead one.
         charge.payment_intent_id = None
     apply_decision(s, charge, sub, customer, decision, now=now, number=number)
-    if decision.alert:
-        log.error("charge failed on a request Stripe refused; check the card or customer",
+    if decision.charge_status == ChargeStatus.needs_review:
+        # Stripe's code and our ids only: its message may quote parameters, and no secret belongs here.
+        log.error("Stripe refused the charge request itself (not a card decline); charge held for staff review",
+                  extra={"charge_id": charge.id, "attempt_id": attempt_id, "subscription_id": sub.id,
+                         "error_code": outcome.error_code, "status": ChargeStatus.needs_review.value})
+    elif decision.alert:
+        log.error("charge failed with no usable card or a canceled PaymentIntent; check the card or customer",
                   extra={"charge_id": charge.id, "code": outcome.error_code})
     return str(decision.charge_status)
 
 
 def apply_decision(s: Session, charge: Charge, sub: Subscription, customer: Customer, decision: dunning.Decision,
                    *, now: datetime, number: int) -> None:
-    """Write a dunning decision onto the charge and its subscription, and its emails to the outbox."""
+    """Write a dunning decision onto the charge (through the state machine), re-derive its
+    subscription's status, and write the decision's emails to the outbox."""
     charge.first_failed_at = decision.first_failed_at
-    charge.status = decision.charge_status
-    charge.updated_at = now
+    state.move_charge(charge, decision.charge_status, now=now)
     charge.next_retry_at = decision.next_retry_at
+    charge.give_up_at = decision.give_up_at
+    if decision.charge_status in state.FINAL:
+        charge.retry_requested_at = None
     if decision.charge_status == ChargeStatus.paid:
-        charge.paid_at = now
         if decision.first_failed_at is not None:
             # Only a charge that failed has recovery links out (and reminders, dropped below).
             recovery.consume_for_charge(s, charge.id, now)
-    if sub.status != SubscriptionStatus.canceled:
-        sub.status = decision.subscription_status
+    if decision.charge_status == ChargeStatus.needs_review:
+        # Reminders of an earlier decline would ask the customer to pay what staff now hold.
+        notifications.drop_pending_reminders(s, charge.id)
+    if decision.give_up and dunning_config().final_subscription_status is SubscriptionStatus.canceled:
+        # BILLING_FINAL_SUBSCRIPTION_STATUS=canceled: giving up ends the subscription for good.
+        state.cancel_subscription(sub, now=now)
+    state.refresh_subscription(s, sub, now=now)
     notifications.enqueue_decision(s, decision, charge=charge, customer=customer, attempt_number=number)
 
 
@@ -450,7 +497,7 @@ def mark_touched(s: Session, charge_ids: list[int], now: datetime) -> None:
 
 
 # Not decided yet: `run-due --wait` and the demo wait for charges to leave these.
-IN_FLIGHT = (ChargeStatus.pending, ChargeStatus.processing)
+IN_FLIGHT = state.IN_FLIGHT
 
 
 def wait_until_decided(charge_ids: list[int], *, timeout: float,

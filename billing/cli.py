@@ -93,8 +93,9 @@ def web(
     logs.configure(level=loglevel, default_format="json")
     # uvicorn's access log would print raw paths, and customer pages carry tokens in theirs; the app
     # logs each request by its route template instead. log_config=None: uvicorn's loggers go through
-    # the handler configured above instead of its own.
-    uvicorn.run("billing.web.app:create_app", factory=True, host=host, port=port, proxy_headers=True,
+    # the handler configured above instead of its own. proxy_headers=False: uvicorn would believe
+    # X-Forwarded-For from 127.0.0.1; billing.web.client decides by BILLING_TRUSTED_PROXIES instead.
+    uvicorn.run("billing.web.app:create_app", factory=True, host=host, port=port, proxy_headers=False,
                 log_level=loglevel.lower(), access_log=False, log_config=None)
 
 
@@ -258,6 +259,76 @@ def demo(
     from billing import demo as demo_run
 
     raise typer.Exit(demo_run.run(serve=serve, web_port=port))
+
+
+api_key_app = typer.Typer(no_args_is_help=True, help="Keys for the JSON API (Authorization: Bearer <key>).")
+app.add_typer(api_key_app, name="api-key")
+
+
+@api_key_app.command("create")
+def api_key_create(
+    name: str = typer.Argument(..., help="what the key is for, e.g. crm-sync (unique, at most 100 characters)"),
+    scope: str = typer.Option("write", help="write (every API route) or read (GET only)"),
+) -> None:
+    """Make a key. It is printed once, alone on the last line; only its hash is stored."""
+    settings_for()
+    from billing import apikeys
+
+    try:
+        created = apikeys.create(name, scope)
+    except apikeys.ApiKeyError as exc:
+        fail(str(exc))
+    typer.echo(f"created API key {created.info.name!r} with scope {created.info.scope}. "
+               "Store it now: it is shown only this once.")
+    typer.echo(created.key)
+
+
+@api_key_app.command("list")
+def api_key_list() -> None:
+    """Every key: name, scope, the start of the key, when it was created, last used and revoked."""
+    settings_for()
+    from billing import apikeys
+
+    keys = apikeys.list_keys()
+    if not keys:
+        typer.echo("no API keys yet; make one with: billing api-key create NAME")
+        return
+    _print_api_keys(keys)
+
+
+def _when(at: datetime | None, none: str) -> str:
+    return at.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if at else none
+
+
+def _print_api_keys(keys) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(width=None if sys.stdout.isatty() else 200, highlight=False)
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for column in ("name", "scope", "key", "created", "last used", "revoked"):
+        table.add_column(column, no_wrap=True)
+    for key in keys:
+        # Text, not markup: a name like "[bold]" is shown as typed.
+        table.add_row(Text(key.name), key.scope, f"{key.prefix}…", _when(key.created_at, ""),
+                      _when(key.last_used_at, "never"), _when(key.revoked_at, "-"))
+    console.print(table)
+
+
+@api_key_app.command("revoke")
+def api_key_revoke(name: str = typer.Argument(..., help="the key's name, as in billing api-key list")) -> None:
+    """Revoke a key: every process refuses it from its next request on."""
+    settings_for()
+    from billing import apikeys
+
+    try:
+        key, revoked_now = apikeys.revoke(name)
+    except apikeys.ApiKeyError as exc:
+        fail(str(exc))
+    typer.echo(f"revoked API key {key.name!r}" if revoked_now
+               else f"API key {key.name!r} was already revoked on {_when(key.revoked_at, '')}")
 
 
 staff_app = typer.Typer(no_args_is_help=True, help="Finance console accounts.")

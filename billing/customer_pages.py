@@ -35,21 +35,34 @@ The charge becomes ``paid`` through :func:`billing.charging.apply_outcome`, whic
 page's return holds the charge's in-flight lock (:func:`billing.charging.in_flight`) while it applies,
 the same lock a charge attempt (scheduled or a staff "retry now") holds: neither runs over the other.
 A paid charge uses up its recovery links (:func:`billing.recovery.consume_for_charge`).
+
+The page shows and settles only the charge's own PaymentIntent, for the charge's amount, currency and
+customer (:mod:`billing.ownership`). One the page makes itself is keyed by the charge's stored
+recovery key (``recover-charge-<id>-<random>``, also in its metadata); a canceled one is replaced under
+a new key, never replayed (Stripe answers a reused key with what it first made for 24 h,
+https://docs.stripe.com/api/idempotent_requests).
+
+A charge held for staff (``needs_review``: Stripe refused the request itself, not the card) has nothing
+for the customer to do, and neither has a charge whose PaymentIntent Stripe refuses to create or show:
+both raise :class:`CannotPayOnline`, which the page answers with a clear error page, not a payment form.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sqlalchemy import select
 
-from billing import charging, enrolment, recovery, stripe_gateway
+from billing import cards, charging, enrolment, ownership, recovery, state, stripe_gateway
 from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.dunning import explain_decline
+from billing.installation import installation_id
 from billing.models import (
-    FINAL_CHARGE_STATUSES,
     CardSetup,
     Charge,
     ChargeStatus,
@@ -59,7 +72,14 @@ from billing.models import (
     Subscription,
 )
 from billing.notifications import format_amount
-from billing.outcomes import CardDetails, OutcomeKind, PaymentIntentView
+from billing.outcomes import (
+    CardDetails,
+    OutcomeKind,
+    PaymentGateway,
+    PaymentIntentView,
+    StripeRequestRefused,
+    TemporaryStripeError,
+)
 from billing.recovery import Purpose, TokenError, TokenProblem
 from billing.settings import get_settings
 from billing.stripe_gateway import intent_view
@@ -76,6 +96,16 @@ class NothingToPay(Exception):
     def __init__(self, status: str):
         self.status = status
         super().__init__(f"charge is {status}")
+
+
+class CannotPayOnline(Exception):
+    """The link is valid but the page cannot take the payment: the charge is held for staff
+    (``needs_review``: Stripe refused the request itself), or Stripe refuses the request the page would
+    make (an amount under the currency's minimum, a deleted customer). Staff, not the customer, must act."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"cannot be paid online: {reason}")
 
 
 
@@ -103,7 +133,7 @@ class SetupPage:
     error_message: str | None
 
 
-def open_setup(token: str, *, gateway=None) -> SetupPage:
+def open_setup(token: str, *, gateway: PaymentGateway | None = None) -> SetupPage:
     """What ``/setup/{token}`` shows; raises :class:`~billing.recovery.TokenError` for a bad link.
 
     Opening records ``opened_at`` and changes nothing else. The SetupIntent is read from Stripe for its
@@ -139,7 +169,7 @@ class SetupOutcome:
         return self.status == "succeeded" and self.card is not None
 
 
-def complete_setup(token: str, *, gateway=None) -> SetupOutcome:
+def complete_setup(token: str, *, gateway: PaymentGateway | None = None) -> SetupOutcome:
     """The page says Stripe.js is done: read the SetupIntent from Stripe and record what it says.
 
     Success saves the card and uses the link up; a failure is recorded on the card setup (and the link
@@ -212,35 +242,38 @@ def _load_recovery(token: str, *, allow_used: bool = False) -> tuple[RecoveryTok
         return row, _ChargeRef(charge.id, sub.customer_id, charge.payment_intent_id)
 
 
-def _saved_pm(s, sub: Subscription, customer: Customer) -> PaymentMethod | None:
-    for pm_id in (sub.payment_method_id, customer.default_payment_method_id):
-        pm = s.get(PaymentMethod, pm_id) if pm_id else None
-        if pm is not None and pm.detached_at is None:
-            return pm
-    return None
 
 
-def open_recovery(token: str, *, gateway=None) -> RecoveryPage:
+def open_recovery(token: str, *, gateway: PaymentGateway | None = None) -> RecoveryPage:
     """What ``/recover/{token}`` shows; raises :class:`~billing.recovery.TokenError` for a bad link and
-    :class:`NothingToPay` for a charge that is void or uncollectible. Records ``opened_at``."""
+    :class:`NothingToPay` for a charge that is void or uncollectible, :class:`CannotPayOnline` for one
+    held for staff or whose PaymentIntent Stripe refuses. Records ``opened_at``."""
     gw = stripe_gateway.resolve(gateway)
     row, ref = _load_recovery(token)
     with unit_of_work() as uow:
         s = uow.session
         charge = s.get(Charge, ref.charge_id)
-        if charge.status in FINAL_CHARGE_STATUSES:
+        if charge.status in state.FINAL:
             raise NothingToPay(charge.status)
+        if charge.status == ChargeStatus.needs_review:
+            raise CannotPayOnline(charge.status)
         # An attempt is being made right now (a scheduled or staff retry): offer nothing to pay until
         # it has an outcome, or the page and the attempt could each make a PaymentIntent.
         attempt_running = charge.status in charging.IN_FLIGHT
         recovery.mark_opened(s, s.get(RecoveryToken, row.id))
         uow.commit()
-    if attempt_running:
-        intent = None
-    elif ref.payment_intent_id:
-        intent = gw.payment_intent_for_customer(ref.payment_intent_id)
-    else:
-        intent = _create_intent(gw, ref)
+    with _refusals_as_cannot_pay(ref.charge_id):
+        if attempt_running:
+            intent = None
+        elif ref.payment_intent_id:
+            intent = gw.payment_intent_for_customer(ref.payment_intent_id)
+            if intent.status == "canceled":
+                # A canceled PaymentIntent can never be paid: replaced by a new one, under a new key.
+                intent = _create_intent(gw, ref, replacing=ref.payment_intent_id)
+        else:
+            intent = _create_intent(gw, ref)
+    if intent is not None:
+        _require_ours(ref.charge_id, intent)
     if intent is not None and intent.status == "succeeded":
         # Paid in Stripe, not yet here (the webhook is on its way): settle it now, then show it.
         complete_recovery(token, gateway=gw)
@@ -249,7 +282,7 @@ def open_recovery(token: str, *, gateway=None) -> RecoveryPage:
         charge = s.get(Charge, ref.charge_id)
         sub = s.get(Subscription, charge.subscription_id)
         customer = s.get(Customer, sub.customer_id)
-        pm = _saved_pm(s, sub, customer)
+        pm = cards.card_for(s, sub, customer)
         settings = get_settings()
         reason = None
         if charge.status == ChargeStatus.authentication_required:
@@ -257,7 +290,7 @@ def open_recovery(token: str, *, gateway=None) -> RecoveryPage:
         elif charge.last_error_code:
             reason = explain_decline(charge.last_decline_code, charge.last_advice_code, charge.last_error_code)
         payable = (intent is not None and intent.status in PAYABLE_STATUSES
-                   and charge.status not in (*FINAL_CHARGE_STATUSES, *charging.IN_FLIGHT))
+                   and charge.status not in (*state.FINAL, *charging.IN_FLIGHT))
         secret = intent.client_secret if payable else None
         return RecoveryPage(
             charge_id=charge.id, charge_status=charge.status, customer_name=customer.name,
@@ -268,9 +301,44 @@ def open_recovery(token: str, *, gateway=None) -> RecoveryPage:
             reason=reason, intent_status=intent.status if intent else "attempt_in_progress", client_secret=secret)
 
 
-def _create_intent(gw, ref: _ChargeRef) -> PaymentIntentView | None:
-    """A period that fell due without a usable card has no PaymentIntent: make the one the customer
-    pays on the page, keyed by the charge so a reload finds the same one.
+@contextlib.contextmanager
+def _refusals_as_cannot_pay(charge_id: int) -> Iterator[None]:
+    """Stripe refusing what the page asks (the legacy of a charge failed before such refusals were
+    held for staff, or a customer deleted at Stripe since) is nothing the customer can fix: say so."""
+    try:
+        yield
+    except StripeRequestRefused as exc:
+        log.error("Stripe refused a recovery page's request; the charge needs staff",
+                  extra={"charge_id": charge_id, "error_code": exc.code, "http_status": exc.http_status})
+        raise CannotPayOnline(exc.code or "refused") from None
+
+
+def _require_ours(charge_id: int, intent: PaymentIntentView) -> None:
+    """The page offers (or settles) only a PaymentIntent that is this charge's, for its amount, in its
+    currency, for its customer (:mod:`billing.ownership`); anything else is for staff to look at."""
+    with unit_of_work() as uow:
+        charge = uow.session.get(Charge, charge_id)
+        verdict = ownership.is_ours(uow.session, charge, intent)
+    if not verdict.ours:
+        ownership.reject(verdict, source=ownership.RECOVERY_PAGE, charge_id=charge_id,
+                         payment_intent_id=intent.outcome.payment_intent_id)
+        raise CannotPayOnline("payment_intent_mismatch")
+
+
+def _new_recovery_key(charge: Charge) -> str:
+    """``recover-charge-<id>-<random>``: the id alone collides at Stripe, which keeps keys per account
+    for 24 h, when a restored database or another installation on the account reuses charge ids."""
+    charge.recovery_key = f"recover-charge-{charge.id}-{secrets.token_hex(6)}"
+    return charge.recovery_key
+
+
+def _create_intent(gw, ref: _ChargeRef, *, replacing: str | None = None) -> PaymentIntentView | None:
+    """A period without a payable PaymentIntent (none made when it fell due without a usable card, or
+    the one it had was canceled: ``replacing``) gets one the customer pays on the page.
+
+    Keyed by the charge's stored recovery key, so a reload after a lost answer finds the same one. A
+    key is spent once its PaymentIntent was canceled, or once Stripe replays an error under it: the
+    next key is drawn and stored, so the page never hands out a PaymentIntent that cannot be paid.
 
     Made only while holding the charge's in-flight lock and while no attempt is running, so a retry
     and the page never make one PaymentIntent each; ``None`` when an attempt holds the charge."""
@@ -278,25 +346,57 @@ def _create_intent(gw, ref: _ChargeRef) -> PaymentIntentView | None:
         if not ours:
             return None
         with unit_of_work() as uow:
-            charge = uow.session.get(Charge, ref.charge_id)
+            charge = uow.session.scalars(select(Charge).where(Charge.id == ref.charge_id).with_for_update()).one()
             customer = uow.session.get(Customer, ref.customer_id)
             if charge.status in charging.IN_FLIGHT:
                 return None
             existing = charge.payment_intent_id
+            if replacing is not None and existing == replacing:
+                # Its key (when the page made it) would replay the canceled PaymentIntent.
+                charge.payment_intent_id = existing = None
+                charge.recovery_key = None
+            drawn_now = existing is None and charge.recovery_key is None
+            key = _new_recovery_key(charge) if drawn_now else charge.recovery_key
             amount, currency, stripe_customer = charge.amount, charge.currency, customer.stripe_customer_id
+            uow.commit()
         if existing:
             return gw.payment_intent_for_customer(existing)
         if not stripe_customer:
             stripe_customer = enrolment.ensure_stripe_customer(ref.customer_id, gateway=gw).stripe_customer_id
-        intent = gw.create_payment_intent_on_session(
-            customer_id=stripe_customer, amount=amount, currency=currency,
-            metadata={"charge_id": str(ref.charge_id)}, idempotency_key=f"recover-charge-{ref.charge_id}")
+        intent = _create_payable(gw, ref.charge_id, key, fresh=drawn_now, customer_id=stripe_customer,
+                                 amount=amount, currency=currency)
         with unit_of_work() as uow:
             charge = uow.session.scalars(select(Charge).where(Charge.id == ref.charge_id).with_for_update()).one()
             if charge.payment_intent_id is None:
                 charge.payment_intent_id = intent.outcome.payment_intent_id
             uow.commit()
         return intent
+
+
+def _create_payable(gw, charge_id: int, key: str, *, fresh: bool, **params) -> PaymentIntentView:
+    """Create the recovery PaymentIntent under ``key``; if that key turns out spent, once more under a
+    new one. A key drawn before this call may have been answered before: Stripe then replays what it
+    first made, as it was then, so that PaymentIntent is read again as it is now."""
+    for last in (False, True):
+        metadata = {"charge_id": str(charge_id), "installation": installation_id(), "recovery_key": key}
+        try:
+            intent = gw.create_payment_intent_on_session(metadata=metadata, idempotency_key=key, **params)
+        except TemporaryStripeError as exc:
+            if not exc.replayed or last:
+                raise
+        else:
+            if fresh or last:
+                return intent
+            intent = gw.payment_intent_for_customer(intent.outcome.payment_intent_id)
+            if intent.status != "canceled":
+                return intent
+        log.info("recovery PaymentIntent key spent; drawing a new one", extra={"charge_id": charge_id})
+        with unit_of_work() as uow:
+            key = _new_recovery_key(uow.session.scalars(select(Charge).where(Charge.id == charge_id)
+                                                       .with_for_update()).one())
+            uow.commit()
+        fresh = True
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -310,7 +410,7 @@ class RecoveryOutcome:
     error_message: str | None
 
 
-def complete_recovery(token: str, *, gateway=None) -> RecoveryOutcome:
+def complete_recovery(token: str, *, gateway: PaymentGateway | None = None) -> RecoveryOutcome:
     """The page says Stripe.js is done: read the PaymentIntent from Stripe and apply what it says.
 
     Only ``succeeded`` and ``processing`` are applied: a failed on-session try (authentication failed,
@@ -322,7 +422,9 @@ def complete_recovery(token: str, *, gateway=None) -> RecoveryOutcome:
     _row, ref = _load_recovery(token, allow_used=True)
     if not ref.payment_intent_id:
         raise TokenError(TokenProblem.unknown)
-    intent = gw.payment_intent_for_customer(ref.payment_intent_id)
+    with _refusals_as_cannot_pay(ref.charge_id):
+        intent = gw.payment_intent_for_customer(ref.payment_intent_id)
+    _require_ours(ref.charge_id, intent)
     outcome = intent.outcome
     card = _new_card_to_save(gw, ref.customer_id, intent)
     now = utcnow()
@@ -354,7 +456,7 @@ def complete_recovery(token: str, *, gateway=None) -> RecoveryOutcome:
                            error_message=outcome.message if failed else None)
 
 
-def adopt_card_paid_with(payment_intent: dict, *, gateway=None) -> bool:
+def adopt_card_paid_with(payment_intent: dict, *, gateway: PaymentGateway | None = None) -> bool:
     """A PaymentIntent paid on the recovery page with a new card saved for off-session use: that card
     becomes the customer's default — also when the customer closed the tab before the page reported
     back, and only the ``payment_intent.succeeded`` webhook tells us. Returns whether a card was saved."""

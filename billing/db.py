@@ -37,6 +37,9 @@ def resolve_database_url(settings: Settings) -> str:
 def make_engine(url: str, **kwargs) -> Engine:
     # A charge task holds two connections (its in-flight lock and a transaction), a webhook task up to
     # three: room for a worker's default 16 threads at once without waiting on the pool.
+    # hide_parameters: a database error's text (printed by tracebacks and log.exception) would otherwise
+    # quote the bound values, a customer's email or name among them.
+    kwargs.setdefault("hide_parameters", True)
     engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=50, **kwargs)
 
     @event.listens_for(engine, "connect")

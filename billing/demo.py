@@ -1,12 +1,12 @@
 """``billing demo``: the whole system on embedded defaults, end to end, on one laptop.
 
 It starts an embedded PostgreSQL and Redis, the Stripe sandbox, a mail catcher, ``billing web`` and
-``billing worker``; enrols a dozen customers through the JSON API with a spread of Stripe's test cards
-(3-D Secure on setup, always-authenticate, insufficient funds, a card reported lost, cards saved
-before the SCA cutoffs, cards from several countries and currencies); runs a billing cycle through
-the real worker; relays the emails; moves time a period forward and runs the next cycle; prints the
-outcomes and every email with its recovery link. Then it keeps the web app up until Ctrl-C, which
-stops everything it started.
+``billing worker``; makes an API key and enrols a dozen customers through the JSON API with it, with
+a spread of Stripe's test cards (3-D Secure on setup, always-authenticate, insufficient funds, a card
+reported lost, cards saved before the SCA cutoffs, cards from several countries and currencies); runs
+a billing cycle through the real worker; relays the emails; moves time a period forward and runs the
+next cycle; prints the outcomes and every email with its recovery link, and the API key with a
+``curl`` line to try it. Then it keeps the web app up until Ctrl-C, which stops everything it started.
 
 This is part of the command line: it is the one place in ``billing/`` that starts the sandbox.
 """
@@ -37,6 +37,7 @@ from billing import embedded
 
 DEMO_PASSWORD = "demo-password-2026"  # noqa: S105 - the printed demo login, local only
 DEMO_STAFF = "finance@demo.example"
+DEMO_API_KEY_NAME = "demo"
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,7 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
            "BILLING_STRIPE_WEBHOOK_SECRET": webhook_secret, "BILLING_PUBLIC_URL": public_url,
            "BILLING_SECRET_KEY": secrets.token_hex(32), "BILLING_SMTP_URL": f"smtp://127.0.0.1:{mail.port}",
            "BILLING_MAIL_FROM": "billing@demo.example", "BILLING_MERCHANT_NAME": "Demo Merchant",
+           "BILLING_API_DOCS": "true",  # Swagger UI from its package's files (billing.web.docs), on for the demo
            "PYTHONUNBUFFERED": "1"}
     os.environ.update({k: v for k, v in env.items() if k.startswith("BILLING_")})
     _forget_cached_settings()
@@ -226,6 +228,7 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
 
         migrate.upgrade(database_url)
         _add_demo_staff()
+        api_key = _add_demo_api_key()
 
         step("Starting billing web and billing worker")
         web = procs.start("web", "web", "--host", "127.0.0.1", "--port", str(web_port))
@@ -234,8 +237,8 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
         wait_for_log(worker, base / "logs" / "worker.log", " ready.")
         say(f"    web {public_url}   worker ready   logs in {base / 'logs'}")
 
-        api = httpx.Client(base_url=public_url, timeout=60)
-        step(f"Enrolling {len(PERSONAS)} customers through the JSON API")
+        api = httpx.Client(base_url=public_url, timeout=60, headers={"Authorization": f"Bearer {api_key}"})
+        step(f"Enrolling {len(PERSONAS)} customers through the JSON API (API key {DEMO_API_KEY_NAME!r})")
         subs = enrol_all(api, sandbox)
 
         step("Billing cycle 1: charging every due subscription off-session")
@@ -243,7 +246,7 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
         relay_and_show(mail, since=0)
 
         step("A customer recovers through the emailed link")
-        recover_one(api, mail, sandbox, "katherine@demo.example")
+        recover_one(mail, sandbox, "katherine@demo.example")
 
         step("Billing cycle 2: one period later")
         next_period = datetime.now(UTC) + timedelta(days=32)
@@ -258,6 +261,10 @@ def run(*, serve: bool = True, web_port: int = 8000, data_dir: Path | None = Non
         say(f"\nDone in {time.monotonic() - started:.0f} s.")
         say(f"    Finance console  {public_url}/finance/   login {DEMO_STAFF} / {DEMO_PASSWORD}")
         say(f"    API docs         {public_url}/docs")
+        say(f"    API key          {api_key}   (scope write; billing api-key list, "
+            f"billing api-key revoke {DEMO_API_KEY_NAME})")
+        example = f"{public_url}/api/subscriptions/{min(subs, default=1)}"
+        say(f"    try it           curl -H 'Authorization: Bearer {api_key}' {example}")
         say("    Recovery links   in the emails above (open one in a browser: Stripe.js is the sandbox's)")
         story_told = True
         if serve:
@@ -302,11 +309,18 @@ def _add_demo_staff() -> None:
     staff.add_staff(DEMO_STAFF, DEMO_PASSWORD, role="operator")
 
 
+def _add_demo_api_key() -> str:
+    """A write key for the demo's own API calls, printed at the end for the reader to try the API with."""
+    from billing import apikeys
+
+    return apikeys.create(DEMO_API_KEY_NAME, "write").key
+
+
 def enrol_all(api: httpx.Client, sandbox) -> dict[int, Persona]:
     from billing.stripe_gateway import get_gateway
 
     subs: dict[int, Persona] = {}
-    start_at = (datetime.now(UTC) - timedelta(minutes=1)).replace(tzinfo=None).isoformat()
+    start_at = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
     for p in PERSONAS:
         customer = _ok(api.post("/api/customers", json={"email": p.email, "name": p.name, "country": p.country}))
         if p.saved_at:
@@ -373,7 +387,7 @@ def relay_and_show(mail: MailCatcher, since: int) -> None:
             say(f"        {link}")
 
 
-def recover_one(api: httpx.Client, mail: MailCatcher, sandbox, address: str) -> None:
+def recover_one(mail: MailCatcher, sandbox, address: str) -> None:
     """What the customer's browser does on /recover/<token> when they pay with a new card: Stripe.js
     confirms the same PaymentIntent with the client secret from the page, then the page reports back
     and the server reads the outcome from Stripe."""
@@ -382,14 +396,14 @@ def recover_one(api: httpx.Client, mail: MailCatcher, sandbox, address: str) -> 
     if link is None:
         say(f"    no recovery email for {address}")
         return
-    page = api.get(link)
+    page = httpx.get(link, timeout=60)  # the customer's browser: a page behind its link, no API key
     data = json.loads(page.text.split('id="page-data">', 1)[1].split("</script>", 1)[0])
     say(f"    {address} opens the link: {data.get('amount_display', '')} owed, pays with a new card")
     intent_id = data["client_secret"].split("_secret_")[0]
     httpx.post(f"{sandbox.url}/v1/payment_intents/{intent_id}/confirm", timeout=30,
                data={"key": data["publishable_key"], "client_secret": data["client_secret"],
                      "payment_method": "pm_card_visa", "setup_future_usage": "off_session"})
-    result = _ok(api.post(f"{link}/complete", json={}))
+    result = _ok(httpx.post(f"{link}/complete", json={}, timeout=60))
     card = result.get("new_card") or {}
     say(f"    the charge is {result['charge_status']}; the new card ({card.get('brand', '')} …{card.get('last4', '')}) "
         "is now the subscription's default, and the link is used up")

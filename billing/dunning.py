@@ -19,6 +19,8 @@ Where the rules come from (docs.stripe.com):
 - ``authentication_required`` off-session means the issuer wants the customer present; retrying the
   same card off-session again only collects more declines, so the customer gets a link instead:
   https://docs.stripe.com/payments/save-and-reuse (charging the saved card later, off-session).
+- A request Stripe refuses (``invalid_request_error``, https://docs.stripe.com/api/errors) is not a
+  decline: the card was never tried. The charge is held for staff (``needs_review``), with no email.
 """
 
 from __future__ import annotations
@@ -131,6 +133,38 @@ ADVICE_TABLE: dict[str, tuple[DeclineClass, str | None]] = {
 _UNKNOWN_EXPLANATION = "Your bank declined the payment."
 
 
+# Words for finance staff (never for the customer) on why Stripe refused a request: the
+# invalid_request_error codes of https://docs.stripe.com/error-codes that a charge can meet.
+REFUSAL_TABLE: dict[str, str] = {
+    "amount_too_small": "The amount is below Stripe's minimum for this currency "
+                        "(docs.stripe.com, \"Minimum and maximum charge amounts\").",
+    "amount_too_large": "The amount is above Stripe's maximum for this currency.",
+    "resource_missing": "Stripe does not know the customer, card or mandate any more (deleted, or from "
+                        "another account).",
+    "parameter_missing": "Stripe refused the request: a required parameter is missing.",
+    "parameter_unknown": "Stripe refused the request: it has a parameter Stripe does not know.",
+    "payment_method_unexpected_state": "The card is not in a state Stripe can charge (e.g. detached).",
+    "payment_intent_unexpected_state": "The payment is not in a state Stripe can confirm.",
+    "processing_timeout": "The payment was still processing at Stripe days later; check it in the Stripe "
+                          "dashboard, then retry or void it.",
+    "payment_intent_requires_capture": "The payment was authorised but not captured (this worker never asks "
+                                       "for manual capture); capture or cancel it in the Stripe dashboard.",
+    "payment_intent_requires_confirmation": "The payment was created but not confirmed; retry it or void it.",
+}
+_REFUSED = "Stripe refused the request itself, not the card; nothing was charged and the customer was not told."
+
+
+def explain_refusal(error_code: str | None) -> str:
+    """Why a ``needs_review`` charge is held, for staff: the request, not the card, was refused."""
+    if error_code in REFUSAL_TABLE:
+        return f"{REFUSAL_TABLE[error_code]} {_REFUSED}"
+    if error_code and error_code.startswith("parameter_invalid"):
+        return f"Stripe refused a parameter of the request. {_REFUSED}"
+    if error_code and error_code.startswith("payment_intent_"):
+        return f"The payment is in a state ({error_code.removeprefix('payment_intent_')}) this worker cannot settle."
+    return _REFUSED
+
+
 def classify_decline(decline_code: str | None, advice_code: str | None = None,
                      error_code: str | None = None) -> DeclineClass:
     """Soft or hard, by advice code first, then decline code, then card error code.
@@ -224,7 +258,6 @@ class Decision:
     """
 
     charge_status: ChargeStatus
-    subscription_status: SubscriptionStatus
     next_retry_at: datetime | None = None
     notify: NotificationKind | None = None
     reminders: tuple[datetime, ...] = ()
@@ -233,6 +266,9 @@ class Decision:
     decline_class: DeclineClass | None = None
     first_failed_at: datetime | None = None
     reason: str = ""
+    # When the sweep gives a charge that still waits up; stored apart from ``next_retry_at``, which is
+    # only ever the next automatic retry.
+    give_up_at: datetime | None = None
 
 
 def give_up_at(first_failed_at: datetime, config: DunningConfig) -> datetime:
@@ -248,7 +284,6 @@ def _require_aware(**values: datetime | None) -> None:
 def _give_up(first_failed_at: datetime | None, config: DunningConfig, reason: str,
              decline_class: DeclineClass | None = None) -> Decision:
     return Decision(charge_status=ChargeStatus.uncollectible,
-                    subscription_status=config.final_subscription_status,
                     notify=NotificationKind.final_notice, give_up=True,
                     decline_class=decline_class, first_failed_at=first_failed_at, reason=reason)
 
@@ -266,29 +301,45 @@ def _reminders(now: datetime, horizon: datetime, config: DunningConfig) -> tuple
     return tuple(t for t in (now + step for step in config.reminder_schedule) if t < horizon)
 
 
-def decide(outcome: PaymentOutcome, *, attempt_number: int, first_failed_at: datetime | None,
+def _held_for_review(outcome: PaymentOutcome, first_failed_at: datetime | None) -> Decision:
+    """Stripe refused the request itself: the card was never tried, so this is nothing the customer
+    did and nothing they can fix. No email, no reminder, no retry and no give-up horizon: staff fix
+    the cause (amount, currency, customer) and retry, or void. The subscription is ``past_due``, as
+    for any open failure, so no next period opens over it. The dunning clock (``first_failed_at``) is
+    left as it was: it measures the customer's time to pay, which has not started if they were never
+    asked."""
+    return Decision(ChargeStatus.needs_review, alert=True,
+                    first_failed_at=first_failed_at, reason=f"refused by Stripe: {outcome.error_code or '-'}")
+
+
+def decide(outcome: PaymentOutcome, *, failures: int, first_failed_at: datetime | None,
            now: datetime, config: DunningConfig) -> Decision:
     """The next step for a charge after ``outcome``.
 
-    ``attempt_number`` is the 1-based number of the attempt that produced the outcome (1 = the
-    scheduled charge, 2 = the first retry, …); ``first_failed_at`` is the charge's value *before*
-    this outcome (``None`` if it never failed), so "first failure" means ``first_failed_at is None``.
+    ``failures`` is how many card declines of this charge count toward the retry schedule, this one
+    included when it counts (1 = the scheduled charge declined, 2 = the first retry declined too, …).
+    Attempts abandoned before Stripe answered and staff retries do not count, so neither an outage
+    nor a staff "retry now" uses up the customer's schedule. ``first_failed_at`` is the charge's
+    value *before* this outcome (``None`` if it never failed), so "first failure" means
+    ``first_failed_at is None``. The subscription's status is not decided here: it follows from its
+    charges (:mod:`billing.state`).
     """
-    if attempt_number < 1:
-        raise ValueError("attempt_number starts at 1")
+    if failures < 0:
+        raise ValueError("failures cannot be negative")
     _require_aware(first_failed_at=first_failed_at, now=now)
     kind = OutcomeKind(outcome.kind)
 
     if kind is OutcomeKind.succeeded:
         recovered = first_failed_at is not None
-        return Decision(ChargeStatus.paid, SubscriptionStatus.active,
+        return Decision(ChargeStatus.paid,
                         notify=NotificationKind.payment_succeeded if recovered and config.notify_recovered else None,
                         first_failed_at=first_failed_at, reason="paid")
     if kind is OutcomeKind.processing:
-        # Settled later by webhook or reconciler; a charge that already failed keeps its subscription
-        # past_due until then, a fresh one stays active.
-        status = SubscriptionStatus.past_due if first_failed_at is not None else SubscriptionStatus.active
-        return Decision(ChargeStatus.processing, status, first_failed_at=first_failed_at, reason="processing")
+        # Settled later by webhook or reconciler.
+        return Decision(ChargeStatus.processing, first_failed_at=first_failed_at, reason="processing")
+
+    if kind is OutcomeKind.refused:
+        return _held_for_review(outcome, first_failed_at)
 
     # Every other outcome is a failure.
     first = first_failed_at is None
@@ -300,41 +351,41 @@ def decide(outcome: PaymentOutcome, *, attempt_number: int, first_failed_at: dat
     if kind is OutcomeKind.authentication_required or (
             kind is OutcomeKind.declined and outcome.decline_code == "authentication_required"):
         # No blind off-session retry: the issuer wants the customer. The charge waits until the
-        # horizon, when this decision (or decide_give_up) gives it up.
-        return Decision(ChargeStatus.authentication_required, SubscriptionStatus.past_due,
-                        next_retry_at=horizon, notify=NotificationKind.authentication_required,
+        # horizon, when decide_give_up gives it up.
+        return Decision(ChargeStatus.authentication_required, give_up_at=horizon,
+                        notify=NotificationKind.authentication_required,
                         reminders=_reminders(now, horizon, config), first_failed_at=failed_at,
                         reason="authentication required")
 
     if kind in (OutcomeKind.invalid_request, OutcomeKind.canceled):
-        # The card was detached, the customer deleted, or the PaymentIntent canceled: no retry can
+        # No usable saved card (ours, before any request), or the PaymentIntent canceled: no retry can
         # fix it, a new card can; someone should look at why it happened.
-        return Decision(ChargeStatus.requires_payment_method, SubscriptionStatus.past_due,
+        return Decision(ChargeStatus.requires_payment_method,
                         notify=NotificationKind.payment_failed, reminders=_reminders(now, horizon, config),
-                        alert=True, first_failed_at=failed_at, reason=f"{kind.value}: {outcome.error_code or '-'}")
+                        give_up_at=horizon, alert=True, first_failed_at=failed_at,
+                        reason=f"{kind.value}: {outcome.error_code or '-'}")
 
     decline_class = classify_decline(outcome.decline_code, outcome.advice_code, outcome.error_code)
     if decline_class is DeclineClass.hard:
-        return Decision(ChargeStatus.requires_payment_method, SubscriptionStatus.past_due,
+        return Decision(ChargeStatus.requires_payment_method,
                         notify=NotificationKind.payment_failed, reminders=_reminders(now, horizon, config),
-                        decline_class=decline_class, first_failed_at=failed_at,
+                        give_up_at=horizon, decline_class=decline_class, first_failed_at=failed_at,
                         reason=f"hard decline: {outcome.decline_code or outcome.error_code or '-'}")
 
     schedule = config.schedule_for(outcome.decline_code, outcome.advice_code)
-    index = attempt_number - 1  # retries already made
+    index = max(failures - 1, 0)  # counted retries already made
     if index >= len(schedule):
         return _give_up(failed_at, config, f"{len(schedule)} retries exhausted", decline_class)
     retry_at = max(failed_at + schedule[index], now + config.min_retry_gap)
     if retry_at >= horizon:
         return _give_up(failed_at, config, "no retry fits before the dunning horizon", decline_class)
-    return Decision(ChargeStatus.requires_payment_method, SubscriptionStatus.past_due,
-                    next_retry_at=retry_at, notify=NotificationKind.payment_failed if first else None,
-                    decline_class=decline_class, first_failed_at=failed_at,
+    return Decision(ChargeStatus.requires_payment_method,
+                    next_retry_at=retry_at, give_up_at=horizon,
+                    notify=NotificationKind.payment_failed if first else None, decline_class=decline_class,
+                    first_failed_at=failed_at,
                     reason=f"soft decline: {outcome.decline_code or outcome.error_code or '-'}")
 
 
-DEFAULT_CONFIG = DunningConfig()
-
-__all__ = ["ADVICE_TABLE", "DECLINE_TABLE", "DEFAULT_CONFIG", "LINK_KINDS", "Decision", "DeclineClass",
-           "DunningConfig", "NotificationKind", "classify_decline", "decide", "decide_give_up",
-           "explain_decline", "give_up_at"]
+__all__ = ["ADVICE_TABLE", "DECLINE_TABLE", "LINK_KINDS", "REFUSAL_TABLE", "Decision",
+           "DeclineClass", "DunningConfig", "NotificationKind", "classify_decline", "decide", "decide_give_up",
+           "explain_decline", "explain_refusal", "give_up_at"]

@@ -18,15 +18,17 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import secrets
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from email_validator import EmailNotValidError, validate_email
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from billing import recovery, stripe_gateway
+from billing import money, recovery, state, stripe_gateway
 from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.models import (
@@ -39,21 +41,30 @@ from billing.models import (
     Subscription,
     SubscriptionStatus,
 )
-from billing.outcomes import CardDetails, SetupResult, TemporaryStripeError
+from billing.outcomes import CardDetails, PaymentGateway, SetupResult, TemporaryStripeError
+from billing.text import CONTROL_MESSAGE, has_control_characters
 
 log = logging.getLogger(__name__)
 
 # SetupIntent statuses after which Stripe will not change the object any more.
 FINAL_SETUP_STATUSES = ("succeeded", "canceled")
-MAX_AMOUNT = 99_999_999  # Stripe's limit: eight digits in the minor unit
+# The largest amount of any currency (each currency has its own, see billing.money).
+MAX_AMOUNT = money.MAX_AMOUNT
+# A subscription's first period may start a little in the past (clocks differ, a request is retried),
+# never so far back that it is billed for periods that went by: this is how far.
+START_AT_GRACE = timedelta(hours=1)
+# ... and not so far ahead that it is surely a typo (2062 for 2026).
+START_AT_HORIZON = timedelta(days=366)
 # Stripe refuses billing intervals longer than three years.
 MAX_INTERVAL_COUNT = {Interval.day: 3 * 365, Interval.week: 3 * 52, Interval.month: 36, Interval.year: 3}
 # Cards saved before these dates may be charged off-session under a previous authorization agreement
 # (SCA grandfathering): the UK's cutoff was later than the EEA's.
 PREVIOUS_AUTHORIZATION_CUTOFF = {"GB": date(2021, 9, 14)}
 PREVIOUS_AUTHORIZATION_CUTOFF_DEFAULT = date(2020, 12, 31)
-
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# A Stripe object id (``pm_…``, ``seti_…``): anything else is not one, and is never looked up.
+_STRIPE_ID = re.compile(r"[A-Za-z0-9_]{3,255}")
+# BCP 47 language tags as far as customer texts need them: language, optional script, optional region.
+_LOCALE = re.compile(r"([A-Za-z]{2,3})(?:-([A-Za-z]{4}))?(?:-([A-Za-z]{2}|[0-9]{3}))?")
 
 
 class EnrolmentError(Exception):
@@ -98,10 +109,28 @@ def _stripe_request(call, *args, **kwargs):
 
 # --- customers -----------------------------------------------------------------------------------
 
+def refuse_control_characters(**fields: str | None) -> None:
+    """422 ``invalid_request`` naming the first field that holds a control character (billing.text)."""
+    for name, value in fields.items():
+        if isinstance(value, str) and has_control_characters(value):
+            raise InvalidInput(f"{name}: {CONTROL_MESSAGE}", code="invalid_request", field=name)
+
+
 def validate_customer(email: str, name: str, country: str | None) -> tuple[str, str, str | None]:
+    """The customer's fields as stored: the email in its normalized form, the name trimmed.
+
+    Control characters are refused before anything is trimmed: a name ending in LF is refused, not
+    quietly shortened. Emails are checked for syntax by ``email-validator``
+    (https://pypi.org/project/email-validator/), not for deliverability: no DNS lookup on a request.
+    """
+    refuse_control_characters(email=email, name=name, country=country)
     email, name = (email or "").strip(), (name or "").strip()
-    if not _EMAIL.match(email) or len(email) > 320:
-        raise InvalidInput("email must be an email address", field="email")
+    try:
+        email = validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError as exc:
+        raise InvalidInput(f"email must be an email address: {exc}", field="email") from None
+    if len(email) > 320:
+        raise InvalidInput("email must be an email address of at most 320 characters", field="email")
     if not name or len(name) > 200:
         raise InvalidInput("name must be 1 to 200 characters", field="name")
     if country is not None:
@@ -111,13 +140,30 @@ def validate_customer(email: str, name: str, country: str | None) -> tuple[str, 
     return email, name, country
 
 
-def create_customer(email: str, name: str, country: str | None = None, *, gateway=None) -> Customer:
-    """Insert the customer, commit, then create the Stripe customer keyed ``customer-<id>``.
+def validate_locale(locale: str | None) -> str | None:
+    """A language tag such as ``en``, ``de-DE`` or ``zh-Hant-TW``, in its usual casing."""
+    if locale is None:
+        return None
+    refuse_control_characters(locale=locale)
+    match = _LOCALE.fullmatch(locale.strip())
+    if not match:
+        raise InvalidInput("locale must be a language tag such as en or de-DE", field="locale")
+    language, script, region = match.groups()
+    return "-".join(p for p in (language.lower(), script and script.title(), region and region.upper()) if p)
+
+
+def create_customer(email: str, name: str, country: str | None = None, *, locale: str | None = None,
+                    gateway: PaymentGateway | None = None) -> Customer:
+    """Insert the customer, commit, then create the Stripe customer keyed ``customer-<id>-<random>``.
 
     If Stripe cannot be reached the customer is still returned, without ``stripe_customer_id``; the
     next card setup (or :func:`ensure_stripe_customer`) completes it with the same key.
+
+    ``locale`` is checked but not stored yet: customers have no locale column, so their texts are in
+    ``BILLING_DEFAULT_LOCALE``.
     """
     email, name, country = validate_customer(email, name, country)
+    validate_locale(locale)
     with unit_of_work() as uow:
         customer = Customer(email=email, name=name, country=country)
         uow.session.add(customer)
@@ -129,24 +175,38 @@ def create_customer(email: str, name: str, country: str | None = None, *, gatewa
         return customer
 
 
-def ensure_stripe_customer(customer_id: int, *, gateway=None) -> Customer:
+def ensure_stripe_customer(customer_id: int, *, gateway: PaymentGateway | None = None) -> Customer:
     with unit_of_work() as uow:
         customer = _get_customer(uow.session, customer_id)
         _keep(uow)
     if customer.stripe_customer_id:
         return customer
-    # Our row's id in the key (and in metadata, for after Stripe has pruned the key): a re-run
-    # replays the first creation instead of making a second Stripe customer.
+    # The key stored on our row: a re-run replays the first creation instead of making a second Stripe
+    # customer. Our id in metadata, with the installation's (added by the gateway), for after Stripe
+    # has pruned the key.
     gw = stripe_gateway.resolve(gateway)
     stripe_id = _stripe_request(gw.create_customer, email=customer.email, name=customer.name,
                                 metadata={"customer_id": str(customer.id)},
-                                idempotency_key=f"customer-{customer.id}")
+                                idempotency_key=_stripe_create_key(customer.id))
     with unit_of_work() as uow:
         customer = uow.session.get(Customer, customer_id, with_for_update=True)
         if not customer.stripe_customer_id:
             customer.stripe_customer_id = stripe_id
         uow.commit()
     return customer
+
+
+def _stripe_create_key(customer_id: int) -> str:
+    """``customer-<id>-<random>``, drawn once and stored before the first try. The id alone would
+    collide at Stripe, which keeps keys per account for 24 h: a restored database or another
+    installation on the account reuses ids, and would be answered with someone else's customer."""
+    with unit_of_work() as uow:
+        customer = uow.session.get(Customer, customer_id, with_for_update=True)
+        if customer.stripe_create_key is None:
+            customer.stripe_create_key = f"customer-{customer.id}-{secrets.token_hex(6)}"
+        key = customer.stripe_create_key
+        uow.commit()
+    return key
 
 
 def _keep(uow) -> None:
@@ -182,7 +242,7 @@ class CardSetupView:
 
 
 def create_card_setup(customer_id: int, payment_method: str | None = None, *, request_key: str | None = None,
-                      gateway=None) -> CardSetupView:
+                      gateway: PaymentGateway | None = None) -> CardSetupView:
     """A SetupIntent (``usage=off_session``) for the customer; with ``payment_method``, confirmed now.
 
     The result may be ``succeeded`` (the card is saved and becomes the default), ``requires_action``
@@ -190,7 +250,8 @@ def create_card_setup(customer_id: int, payment_method: str | None = None, *, re
     ``requires_payment_method`` with ``error_code`` (declined). ``request_key`` (the client's
     Idempotency-Key) makes a repeated request return the same SetupIntent.
     """
-    if payment_method is not None and not re.fullmatch(r"[A-Za-z0-9_]{3,255}", payment_method):
+    refuse_control_characters(payment_method=payment_method)
+    if payment_method is not None and not _STRIPE_ID.fullmatch(payment_method):
         raise InvalidInput("payment_method must be a Stripe PaymentMethod id such as pm_…", field="payment_method")
     customer = ensure_stripe_customer(customer_id, gateway=gateway)
     gw = stripe_gateway.resolve(gateway)
@@ -199,7 +260,8 @@ def create_card_setup(customer_id: int, payment_method: str | None = None, *, re
     else:
         key = f"card-setup-{customer.id}-{uuid.uuid4().hex}"
     result = _stripe_request(gw.create_setup_intent, customer_id=customer.stripe_customer_id,
-                             payment_method=payment_method, idempotency_key=key)
+                             payment_method=payment_method, idempotency_key=key,
+                             metadata={"customer_id": str(customer.id)})
     card = _card_for(gw, result)
     with unit_of_work() as uow:
         s = uow.session
@@ -215,11 +277,14 @@ def create_card_setup(customer_id: int, payment_method: str | None = None, *, re
                          setup_url=recovery.link(token, recovery.Purpose.setup))
 
 
-def refresh_card_setup(setup_intent_id: str, *, gateway=None) -> CardSetupView:
+def refresh_card_setup(setup_intent_id: str, *, gateway: PaymentGateway | None = None) -> CardSetupView:
     """The card setup as we know it, refreshed from Stripe while it is not final.
 
     A refresh that cannot reach Stripe returns what is stored: a status read is never worth a 503.
+    An id that cannot be a SetupIntent's (NUL, a slash, 300 characters) is not looked up: 404.
     """
+    if not isinstance(setup_intent_id, str) or not _STRIPE_ID.fullmatch(setup_intent_id):
+        raise NotFound("card setup not found")
     with unit_of_work() as uow:
         setup = uow.session.scalars(select(CardSetup).where(CardSetup.setup_intent_id == setup_intent_id)).first()
         if setup is None:
@@ -317,13 +382,15 @@ def relies_on_previous_authorization(saved_at: datetime, card_country: str | Non
     return saved_at.astimezone(UTC).date() <= cutoff
 
 
-def import_payment_method(customer_id: int, payment_method: str, saved_at: datetime, *, gateway=None) -> PaymentMethod:
+def import_payment_method(customer_id: int, payment_method: str, saved_at: datetime, *,
+                          gateway: PaymentGateway | None = None) -> PaymentMethod:
     """Enrol a card the customer saved before this system existed (attached to their Stripe customer).
 
     Cards saved before the SCA cutoffs are recorded as relying on a previous authorization agreement:
     they are charged off-session like any other, and a bank's refusal is an ordinary decline.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_]{3,255}", payment_method or ""):
+    refuse_control_characters(payment_method=payment_method)
+    if not _STRIPE_ID.fullmatch(payment_method or ""):
         raise InvalidInput("payment_method must be a Stripe PaymentMethod id such as pm_…", field="payment_method")
     saved_at = saved_at if saved_at.tzinfo else saved_at.replace(tzinfo=UTC)
     if saved_at > utcnow():
@@ -348,16 +415,44 @@ def import_payment_method(customer_id: int, payment_method: str, saved_at: datet
 # --- subscriptions ---------------------------------------------------------------------------------
 
 def validate_subscription(amount: Any, currency: Any, interval: Any, interval_count: Any) -> tuple[int, str, str, int]:
-    if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount <= MAX_AMOUNT:
-        raise InvalidInput(f"amount must be a whole number of minor units from 1 to {MAX_AMOUNT}", field="amount")
-    if not isinstance(currency, str) or not re.fullmatch(r"[A-Za-z]{3}", currency):
-        raise InvalidInput("currency must be a three-letter ISO 4217 code such as eur", field="currency")
+    """Amount and currency by Stripe's rules (:func:`billing.money.validate_amount`), interval by ours."""
+    try:
+        amount, currency = money.validate_amount(amount, currency)
+    except money.MoneyError as exc:
+        raise InvalidInput(exc.message, field=exc.field) from None
     if interval not in Interval.__members__:
         raise InvalidInput("interval must be one of day, week, month, year", field="interval")
     limit = MAX_INTERVAL_COUNT[Interval(interval)]
     if isinstance(interval_count, bool) or not isinstance(interval_count, int) or not 0 < interval_count <= limit:
         raise InvalidInput(f"interval_count must be from 1 to {limit} for {interval}", field="interval_count")
-    return amount, currency.lower(), interval, interval_count
+    return amount, currency, interval, interval_count
+
+
+def validate_start_at(start_at: Any, now: datetime) -> datetime:
+    """The first period's start in UTC: ``now`` if not given, else a zoned time in the window.
+
+    The window is :data:`START_AT_GRACE` before ``now`` to :data:`START_AT_HORIZON` after it. A start
+    further back would be billed at once for every period since (a start of 1970 is 20,000 daily
+    charges); a time without a zone is refused rather than guessed.
+    """
+    if start_at is None:
+        return now
+    if not isinstance(start_at, datetime) or start_at.utcoffset() is None:
+        raise InvalidInput("start_at: must be a date and time with a zone offset, e.g. 2030-01-31T09:00:00+01:00",
+                           field="start_at")
+    start_at = start_at.astimezone(UTC)
+    if start_at < now - START_AT_GRACE:
+        raise InvalidInput(f"start_at: no earlier than {_duration(START_AT_GRACE)} before now", field="start_at")
+    if start_at > now + START_AT_HORIZON:
+        raise InvalidInput(f"start_at: no later than {_duration(START_AT_HORIZON)} from now", field="start_at")
+    return start_at
+
+
+def _duration(delta: timedelta) -> str:
+    hours = int(delta.total_seconds() // 3600)
+    if hours < 48:
+        return f"{hours} hour" + ("s" if hours != 1 else "")
+    return f"{hours // 24} days"
 
 
 def create_subscription(customer_id: int, amount: int, currency: str, interval: str, interval_count: int = 1,
@@ -365,11 +460,11 @@ def create_subscription(customer_id: int, amount: int, currency: str, interval: 
     """An active subscription whose first period starts at ``start_at`` (default: now), charged then.
 
     It charges the customer's default card at the time each period falls due (none yet is allowed,
-    see the module docstring).
+    see the module docstring). ``start_at`` must carry a zone and lie between
+    :data:`START_AT_GRACE` (1 hour) before now and :data:`START_AT_HORIZON` (366 days) after it.
     """
     amount, currency, interval, interval_count = validate_subscription(amount, currency, interval, interval_count)
-    anchor = start_at or utcnow()
-    anchor = anchor if anchor.tzinfo else anchor.replace(tzinfo=UTC)
+    anchor = validate_start_at(start_at, utcnow())
     with unit_of_work() as uow:
         customer = _get_customer(uow.session, customer_id)
         sub = Subscription(customer_id=customer.id, payment_method_id=customer.default_payment_method_id,
@@ -392,10 +487,8 @@ def cancel_subscription(subscription_id: int, *, actor: str = "api", reason: str
         sub = uow.session.get(Subscription, subscription_id, with_for_update=True) if _is_id(subscription_id) else None
         if sub is None:
             raise NotFound(f"subscription {subscription_id} not found")
-        if sub.status != SubscriptionStatus.canceled:
-            previous = sub.status
-            sub.status = SubscriptionStatus.canceled
-            sub.canceled_at = utcnow()
+        previous = sub.status
+        if state.cancel_subscription(sub, now=utcnow()):
             uow.session.add(AuditEntry(actor=actor, action="cancel_subscription", subscription_id=sub.id,
                                        reason=reason, details={"previous_status": previous}))
         uow.commit()

@@ -10,6 +10,11 @@ only after that transaction commits. "Retry now" goes through the very path of t
 
 Actions refuse while an attempt is in flight (the charge's advisory lock is held, or the charge is
 ``processing``): a void racing a successful payment would write off money that was just collected.
+
+A ``needs_review`` charge (Stripe refused the request itself, not the card) waits for staff alone:
+"retry now" once the cause is fixed (the amount or currency, the customer at Stripe), or "void".
+Nothing retries it automatically, so pausing or resuming retries does not apply, and the customer
+was never emailed, so there is no recovery email to resend.
 """
 
 from __future__ import annotations
@@ -25,12 +30,11 @@ from typing import Any, Protocol
 from sqlalchemy import case, func, select, text
 from sqlalchemy.orm import Session
 
-from billing import charging, notifications
+from billing import cards, charging, notifications, state
 from billing.clock import utcnow
 from billing.db import unit_of_work
-from billing.dunning import NotificationKind, explain_decline
+from billing.dunning import NotificationKind, explain_decline, explain_refusal
 from billing.models import (
-    FINAL_CHARGE_STATUSES,
     Attempt,
     AuditEntry,
     Charge,
@@ -44,11 +48,11 @@ from billing.models import (
     SubscriptionStatus,
     WebhookEvent,
 )
+from billing.outcomes import OutcomeKind
 
 log = logging.getLogger(__name__)
 
 MAX_REASON_LENGTH = 2000
-WAITING = (ChargeStatus.authentication_required.value, ChargeStatus.requires_payment_method.value)
 
 
 class Action(enum.StrEnum):
@@ -106,8 +110,10 @@ def _allowed(action: Action, charge: Charge, sub: Subscription) -> str | None:
         return "an attempt at this charge is running; try again in a moment"
     if action is Action.cancel_subscription:
         return "the subscription is already canceled" if sub.status == SubscriptionStatus.canceled else None
-    if status in FINAL_CHARGE_STATUSES:
+    if status in state.FINAL:
         return f"the charge is {status}; nothing more can be done to it"
+    if status == ChargeStatus.needs_review and action in (Action.pause_retries, Action.resume_retries):
+        return "Stripe refused this request; it is never retried automatically — retry it once the cause is fixed"
     if action is Action.retry_now:
         if status == ChargeStatus.authentication_required:
             return ("the bank wants the customer to authenticate this payment; a retry without them would be "
@@ -118,7 +124,7 @@ def _allowed(action: Action, charge: Charge, sub: Subscription) -> str | None:
     if action is Action.resume_retries:
         return None if charge.retry_paused else "automatic retries are not paused"
     if action is Action.resend_recovery_email:
-        return None if status in WAITING else "the charge does not wait for the customer"
+        return None if status in state.WAITING_ON_CUSTOMER else "the charge does not wait for the customer"
     return None
 
 
@@ -176,6 +182,9 @@ def perform(action: Action | str, charge_id: int, *, actor: str, reason: str | N
 
 def _retry_now(s, after, charge, sub, jobs, now, audit_id, details) -> str:
     charge_id = charge.id
+    # Durable: if the task is lost, or finds the charge busy, the retry sweep sends it again until an
+    # attempt has claimed the charge (which clears the request).
+    charge.retry_requested_at = now
     after.append(lambda: jobs.retry_charge(charge_id))
     return "A retry is on its way; this page shows its outcome once the bank has answered."
 
@@ -205,16 +214,16 @@ def _resend(s, after, charge, sub, jobs, now, audit_id, details) -> str:
 
 
 def _void(s, after, charge, sub, jobs, now, audit_id, details) -> str:
-    charge.status = ChargeStatus.void
+    state.move_charge(charge, ChargeStatus.void, now=now)
     charge.next_retry_at = None
-    charge.updated_at = now
     details["dropped_reminders"] = notifications.drop_pending_reminders(s, charge.id)
+    # No open failure left: billing resumes with the next period (the catch-up policy in billing.state).
+    details["subscription_status_after"] = state.refresh_subscription(s, sub, now=now).value
     return "The charge is written off; its reminders are dropped."
 
 
 def _cancel(s, after, charge, sub, jobs, now, audit_id, details) -> str:
-    sub.status = SubscriptionStatus.canceled
-    sub.canceled_at = now
+    state.cancel_subscription(sub, now=now)
     return "The subscription is canceled: no further periods will be charged. This charge stays as it is."
 
 
@@ -261,10 +270,14 @@ class ChargeDetail:
         return [(k, v) for k, v in ids if v]
 
 
-def _card(s: Session, sub: Subscription, customer: Customer) -> PaymentMethod | None:
-    for pm_id in (sub.payment_method_id, customer.default_payment_method_id):
-        if pm_id is not None:
-            return s.get(PaymentMethod, pm_id)
+
+
+def _explanation(charge: Charge) -> str | None:
+    """Why the charge is where it is: Stripe's refusal of the request (``needs_review``), else the decline."""
+    if charge.status == ChargeStatus.needs_review:
+        return explain_refusal(charge.last_error_code)
+    if charge.last_error_code or charge.last_decline_code:
+        return explain_decline(charge.last_decline_code, charge.last_advice_code, charge.last_error_code)
     return None
 
 
@@ -275,7 +288,7 @@ def charge_detail(session: Session, charge_id: int) -> ChargeDetail:
         raise NotFound(f"charge {charge_id} not found")
     sub = s.get(Subscription, charge.subscription_id)
     customer = s.get(Customer, sub.customer_id)
-    card = _card(s, sub, customer)
+    card = cards.card_for(s, sub, customer)
     attempts = list(s.scalars(select(Attempt).where(Attempt.charge_id == charge.id).order_by(Attempt.number)))
     events: list[Event] = [Event(charge.created_at, "charge", "Period opened",
                                  f"{charge.period_start:%Y-%m-%d} – {charge.period_end:%Y-%m-%d}")]
@@ -283,8 +296,12 @@ def charge_detail(session: Session, charge_id: int) -> ChargeDetail:
         events.append(Event(a.started_at, "attempt", f"Attempt {a.number} started",
                             "card " + (a.stripe_payment_method_id or "none"), (a.idempotency_key,)))
         if a.finished_at:
-            words = explain_decline(a.decline_code, a.advice_code, a.error_code) if a.error_code or a.decline_code \
-                else ""
+            if a.outcome == OutcomeKind.refused:
+                words = explain_refusal(a.error_code)
+            elif a.error_code or a.decline_code:
+                words = explain_decline(a.decline_code, a.advice_code, a.error_code)
+            else:
+                words = ""
             codes = "/".join(c for c in (a.error_code, a.decline_code, a.advice_code) if c)
             events.append(Event(a.finished_at, "attempt", f"Attempt {a.number}: {a.outcome}",
                                 f"{codes} — {words}" if codes else "", tuple(i for i in (a.payment_intent_id,) if i)))
@@ -294,6 +311,9 @@ def charge_detail(session: Session, charge_id: int) -> ChargeDetail:
             events.append(Event(n.sent_at, "email", f"Email sent: {n.kind}", n.to_email))
         elif n.status == NotificationStatus.dropped:
             events.append(Event(n.send_after, "email", f"Email dropped: {n.kind}", "no longer needed"))
+        elif n.status == NotificationStatus.dead:
+            events.append(Event(n.send_after, "email", f"Email given up: {n.kind}",
+                                f"not sent after {n.tries} tries; last error {(n.last_error or '')[:200]}"))
         elif n.last_error:
             events.append(Event(n.send_after, "email", f"Email not sent yet: {n.kind}",
                                 f"{n.tries} tries; last error {n.last_error[:200]}"))
@@ -313,8 +333,7 @@ def charge_detail(session: Session, charge_id: int) -> ChargeDetail:
     if charge.paid_at:
         events.append(Event(charge.paid_at, "charge", "Paid"))
     events.sort(key=lambda e: e.at)
-    explanation = (explain_decline(charge.last_decline_code, charge.last_advice_code, charge.last_error_code)
-                   if charge.last_error_code or charge.last_decline_code else None)
+    explanation = _explanation(charge)
     return ChargeDetail(charge, sub, customer, card, attempts, events, explanation, available_actions(charge, sub))
 
 
@@ -369,7 +388,7 @@ def overview(session: Session, *, weeks: int = 12, now: datetime | None = None) 
     # Grouped by position: the CASE's bound parameters would make two spellings of one expression.
     by_decline = _outcomes(s.execute(select(code, _outcome_case(), func.count()).where(failed)
                                      .group_by(text("1"), text("2"))))
-    card_id = func.coalesce(Subscription.payment_method_id, Customer.default_payment_method_id)
+    card_id = cards.card_on_file_sql()
     by_country = _outcomes(s.execute(
         select(PaymentMethod.country, _outcome_case(), func.count())
         .select_from(Charge).join(Subscription, Subscription.id == Charge.subscription_id)

@@ -12,8 +12,9 @@ when there is one.
 (ours, Celery's, uvicorn's, a library's). It is defence in depth: our own code never logs a secret, and
 stripe-python's request and response logging is held at WARNING in :mod:`billing.stripe_gateway`.
 What it masks: Stripe secret and restricted keys (``sk_…``, ``rk_…``), webhook signing secrets
-(``whsec_…``), PaymentIntent and SetupIntent client secrets (``pi_…_secret_…``, ``seti_…_secret_…``),
-the tokens in customer page paths (``/recover/<token>``, ``/setup/<token>``) and passwords in URLs.
+(``whsec_…``), the JSON API's own keys (``bk_…``), PaymentIntent and SetupIntent client secrets
+(``pi_…_secret_…``, ``seti_…_secret_…``), the tokens in customer page paths (``/recover/<token>``,
+``/setup/<token>``) and passwords in URLs.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b((?:pi|seti)_[A-Za-z0-9]+)_secret_[A-Za-z0-9_]+"), rf"\1_secret_{REDACTED}"),
     (re.compile(r"\b(sk|rk)_[A-Za-z0-9_]+"), rf"\1_{REDACTED}"),
     (re.compile(r"\bwhsec_[A-Za-z0-9_]+"), f"whsec_{REDACTED}"),
+    (re.compile(r"\bbk_[A-Za-z0-9_-]+"), f"bk_{REDACTED}"),  # our JSON API's keys (billing.apikeys)
     # Route templates (``/recover/{token}``) stay readable; anything else in that place is a token.
     (re.compile(r"/(recover|setup)/(?!\{)[^\s/?#\"'<>\\]+"), rf"/\1/{REDACTED}"),
     (re.compile(r"(://[^:/\s@\"']+:)[^@\s/\"']+@"), rf"\1{REDACTED}@"),

@@ -9,8 +9,9 @@ Labels are bounded: HTTP routes by template, Stripe calls by endpoint template
 (``POST /v1/payment_intents/:id/confirm``), decline codes from Stripe's documented list with anything
 else counted as ``other``, never an id.
 
-Two gauges are read when scraped rather than kept up to date (:class:`BacklogCollector`): the Celery
-queue's length in Redis and the outbox's due emails, each by one cheap query with a short timeout.
+Three gauges are read when scraped rather than kept up to date (:class:`BacklogCollector`): the Celery
+queue's length in Redis and the outbox's due and dead emails, each by one cheap query with a short
+timeout.
 A failed read leaves the gauge out of that scrape and sets ``billing_backlog_source_up`` to 0 for it;
 a scrape never raises.
 
@@ -31,7 +32,8 @@ from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from billing.dunning import DECLINE_TABLE
+from billing.dunning import DECLINE_TABLE, REFUSAL_TABLE
+from billing.outcomes import OutcomeKind
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,30 @@ KNOWN_DECLINE_CODES = frozenset(DECLINE_TABLE) | {"authentication_required", "ca
                                                   "generic_decline"}
 
 
+REFUSED = Counter("billing_charge_refused", "Charge attempts whose request Stripe refused itself "
+                  "(invalid_request_error, not a card decline), held for staff as needs_review; by Stripe error "
+                  "code (codes outside our list count as other)", ["code"])
+
+KNOWN_REFUSAL_CODES = frozenset(REFUSAL_TABLE) | {"invalid_request"}
+
+
 def decline_label(code: str | None) -> str:
     return code if code in KNOWN_DECLINE_CODES else "other"
 
 
+def refusal_label(code: str | None) -> str:
+    code = code or "invalid_request"
+    return code if code in KNOWN_REFUSAL_CODES or code.startswith("parameter_invalid_") else "other"
+
+
 def observe_attempt(outcome: Any, status: str) -> None:
     """One finished attempt: ``outcome`` is a :class:`~billing.outcomes.PaymentOutcome`, ``status``
-    what :func:`billing.charging.apply_outcome` returned (``ignored:…`` when the charge was final)."""
+    what :func:`billing.charging.apply_outcome` returned (``ignored:…`` when the charge was final).
+    A refused request is counted apart from declines: the card was never tried."""
     CHARGE_ATTEMPTS.labels(outcome=outcome.kind.value, status=status.split(":", 1)[0]).inc()
-    if outcome.is_failure and (outcome.decline_code or outcome.error_code):
+    if outcome.kind is OutcomeKind.refused:
+        REFUSED.labels(code=refusal_label(outcome.error_code)).inc()
+    elif outcome.is_failure and (outcome.decline_code or outcome.error_code):
         DECLINES.labels(decline_code=decline_label(outcome.decline_code or outcome.error_code)).inc()
 
 
@@ -126,14 +143,38 @@ def observe_reconciler(report: Any) -> None:
         RECONCILER_FINDINGS.labels(kind=kind).inc(len(getattr(report, kind)))
 
 
+# --- ownership -----------------------------------------------------------------------------------
+
+FOREIGN_OBJECTS = Counter(
+    "billing_foreign_objects",
+    "Stripe objects that named one of our charges but were not provably ours, never applied (billing.ownership): "
+    "by where they came from (webhook, resume, replayed_error, decline_lookup, search, reconciler, "
+    "recovery_page) and what did not match (installation, charge, customer, amount, currency, attempt)",
+    ["source", "reason"])
+
+
+def observe_foreign(source: str, reason: str) -> None:
+    FOREIGN_OBJECTS.labels(source=source, reason=reason).inc()
+
+
+# --- outbox --------------------------------------------------------------------------------------
+
+OUTBOX_FAILURES = Counter(
+    "billing_outbox_failures", "Outbox emails not sent on a try, by stage (render, build, smtp) and result "
+    "(retry: backing off; dead: given up, refused for good or out of tries)", ["stage", "result"])
+OUTBOX_SERVER_UNAVAILABLE = Counter(
+    "billing_outbox_server_unavailable", "Relay runs stopped because the SMTP server could not be reached, "
+    "closed the connection or refused our sender (no email is charged a try for these)")
+
+
 # --- read at scrape time -------------------------------------------------------------------------
 
 SCRAPE_TIMEOUT_SECONDS = 1.0
 
 
 class BacklogCollector(Collector):
-    """``billing_queue_depth`` (``LLEN`` of the Celery queue) and ``billing_outbox_due`` (pending
-    emails whose ``send_after`` has come, on the partial index ``ix_notifications_due``)."""
+    """``billing_queue_depth`` (``LLEN`` of the Celery queue), ``billing_outbox_due`` (pending emails
+    whose ``send_after`` has come) and ``billing_outbox_dead`` (emails given up), each one cheap query."""
 
     def __init__(self, queue: str, timeout: float = SCRAPE_TIMEOUT_SECONDS):
         self.queue = queue
@@ -155,7 +196,8 @@ class BacklogCollector(Collector):
                                                socket_connect_timeout=self.timeout)
         return int(self._redis.llen(self.queue))
 
-    def _outbox_due(self) -> int:
+    def _outbox(self) -> tuple[int, int]:
+        """(due, dead): each on its partial index, ``ix_notifications_due`` and ``ix_notifications_dead``."""
         from sqlalchemy import text
 
         from billing.db import get_engine
@@ -163,8 +205,10 @@ class BacklogCollector(Collector):
         with get_engine().connect() as conn:
             conn.execute(text("SELECT set_config('statement_timeout', :ms, true)"),
                          {"ms": str(int(self.timeout * 1000))})
-            return int(conn.execute(text(
-                "SELECT count(*) FROM notifications WHERE status = 'pending' AND send_after <= now()")).scalar_one())
+            due = conn.execute(text(
+                "SELECT count(*) FROM notifications WHERE status = 'pending' AND send_after <= now()")).scalar_one()
+            dead = conn.execute(text("SELECT count(*) FROM notifications WHERE status = 'dead'")).scalar_one()
+            return int(due), int(dead)
 
     def _read(self, source: str, read: Callable[[], int]) -> int:
         future = self._pending.get(source)
@@ -179,24 +223,25 @@ class BacklogCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         up = GaugeMetricFamily("billing_backlog_source_up", "1 if the scrape-time read of a backlog source "
                                "worked", labels=["source"])
-        for name, doc, read, source in (
-                ("billing_queue_depth", "Messages waiting in the Celery queue (Redis LLEN)", self._queue_depth,
-                 "redis"),
-                ("billing_outbox_due", "Emails in the outbox whose send time has come", self._outbox_due,
-                 "database")):
+        for source, read in (("redis", self._queue_depth), ("database", self._outbox)):
             try:
                 value = self._read(source, read)
             except Exception as exc:  # a scrape must never fail because a dependency is down
                 log.warning("metrics: could not read %s", source, extra={"error": type(exc).__name__})
                 up.add_metric([source], 0)
                 continue
-            gauge = GaugeMetricFamily(name, doc, labels=["queue"] if source == "redis" else None)
-            if source == "redis":
-                gauge.add_metric([self.queue], value)
-            else:
-                gauge.add_metric([], value)
             up.add_metric([source], 1)
-            yield gauge
+            if source == "redis":
+                gauge = GaugeMetricFamily("billing_queue_depth", "Messages waiting in the Celery queue (Redis LLEN)",
+                                          labels=["queue"])
+                gauge.add_metric([self.queue], value)
+                yield gauge
+            else:
+                due, dead = value
+                yield GaugeMetricFamily("billing_outbox_due", "Emails in the outbox whose send time has come",
+                                        value=due)
+                yield GaugeMetricFamily("billing_outbox_dead", "Emails given up (refused for good, or out of tries): "
+                                        "shown on the finance console's overview", value=dead)
         yield up
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -59,10 +60,12 @@ class ChargeStatus(enum.StrEnum):
     requires_payment_method = "requires_payment_method"
     uncollectible = "uncollectible"
     void = "void"
+    # Stripe refused the request itself (400/404 ``invalid_request_error``: an amount under the
+    # currency's minimum, a deleted customer), not the card: the customer is not told, nothing retries
+    # it; staff fix the cause and retry, or void it.
+    needs_review = "needs_review"
 
 
-# A charge in one of these is finished: nothing will ever be attempted on it again.
-FINAL_CHARGE_STATUSES = (ChargeStatus.paid, ChargeStatus.uncollectible, ChargeStatus.void)
 
 
 class Interval(enum.StrEnum):
@@ -85,9 +88,13 @@ class AttemptPhase(enum.StrEnum):
 
 
 class NotificationStatus(enum.StrEnum):
+    # Waiting to go out, possibly after failed tries (``tries``, ``last_error``, a later ``send_after``).
     pending = "pending"
     sent = "sent"
+    # No longer true when its time came (the charge moved on): kept for the record, never sent.
     dropped = "dropped"
+    # Given up: refused for good by the mail server, or failed too many times. Shown to staff.
+    dead = "dead"
 
 
 def _check_in(column: str, enum_cls: type[enum.StrEnum]) -> CheckConstraint:
@@ -107,6 +114,10 @@ class Customer(Base):
     name: Mapped[str] = mapped_column(String(200))
     country: Mapped[str | None] = mapped_column(String(2))
     stripe_customer_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    # The idempotency key of this customer's creation at Stripe (``customer-<id>-<random>``), drawn once
+    # before the first try and resent on every retry: ids repeat after a restore or in another
+    # installation on the account, the random part does not.
+    stripe_create_key: Mapped[str | None] = mapped_column(String(80), unique=True)
     default_payment_method_id: Mapped[int | None] = mapped_column(
         ForeignKey("payment_methods.id", use_alter=True, ondelete="SET NULL"))
     created_at: Mapped[datetime] = _now_default()
@@ -198,6 +209,9 @@ class Charge(Base):
         UniqueConstraint("subscription_id", "period_index"),
         _check_in("status", ChargeStatus),
         # Scheduled dunning retries that have come due.
+        Index("ix_charges_give_up_due", "give_up_at", postgresql_where=text("give_up_at IS NOT NULL")),
+        Index("ix_charges_retry_requested", "retry_requested_at",
+              postgresql_where=text("retry_requested_at IS NOT NULL")),
         Index("ix_charges_retry_due", "next_retry_at",
               postgresql_where=text("status = 'requires_payment_method' AND retry_paused = false")),
         # Charges a crashed relay or worker left behind (swept by the reconciler).
@@ -232,8 +246,19 @@ class Charge(Base):
     first_failed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     next_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     retry_paused: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Card declines that count toward the retry schedule: abandoned attempts and staff retries do not.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # When dunning gives the charge up (first failure + horizon); apart from next_retry_at, which is
+    # only ever the next automatic retry.
+    give_up_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A staff "retry now" not yet claimed by a worker: a durable request the retry sweep re-enqueues.
+    retry_requested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     paid_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The idempotency key of the PaymentIntent the recovery page makes for a period that has none
+    # (``recover-charge-<id>-<random>``, also in its metadata). Kept while that PaymentIntent can be
+    # paid; a new one is drawn when it was canceled or the key is spent (billing.customer_pages).
+    recovery_key: Mapped[str | None] = mapped_column(String(80), unique=True)
     created_at: Mapped[datetime] = _now_default()
     updated_at: Mapped[datetime] = _now_default()
 
@@ -264,6 +289,8 @@ class Attempt(Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     decline_code: Mapped[str | None] = mapped_column(String(64))
     advice_code: Mapped[str | None] = mapped_column(String(64))
+    # A staff "retry now": recorded, but its decline does not advance the retry schedule.
+    manual: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     message: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime] = _now_default()
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -278,6 +305,8 @@ class Notification(Base):
     __table_args__ = (
         _check_in("status", NotificationStatus),
         Index("ix_notifications_due", "send_after", postgresql_where=text("status = 'pending'")),
+        # The console's and the metrics' count of emails given up.
+        Index("ix_notifications_dead", "send_after", postgresql_where=text("status = 'dead'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -380,15 +409,58 @@ class StaffSession(Base):
 
 
 class LoginFailure(Base):
-    """One failed sign-in, counted per account and per client address to slow guessing down."""
+    """One sign-in attempt that has not succeeded, counted per account and per (account, client address)
+    to slow guessing down. The row is written *before* the password is checked (a reservation), so
+    concurrent guesses are counted as they arrive; a success deletes the account's rows."""
 
     __tablename__ = "login_failures"
     __table_args__ = (
         Index("ix_login_failures_email_at", "email", "at"),
-        Index("ix_login_failures_ip_at", "ip", "at"),
+        Index("ix_login_failures_email_ip_at", "email", "ip", "at"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     email: Mapped[str] = mapped_column(String(320))
     ip: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = _now_default()
+
+
+class ApiKeyScope(enum.StrEnum):
+    # GET (and HEAD/OPTIONS) only.
+    read = "read"
+    # Every route of the JSON API.
+    write = "write"
+
+
+class ApiKey(Base):
+    """A key for the JSON API (``Authorization: Bearer <key>``), made by ``billing api-key create``.
+
+    Only the SHA-256 of the key is stored: keys are 256 random bits, so a fast hash leaves nothing to
+    guess, and a stolen table gives no key. ``prefix`` is the key's first characters, not secret, for
+    people to tell keys apart. Revoking sets ``revoked_at``; every request checks it.
+    """
+
+    __tablename__ = "api_keys"
+    __table_args__ = (_check_in("scope", ApiKeyScope),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    scope: Mapped[str] = mapped_column(String(8))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = _now_default()
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Installation(Base):
+    """This installation's identity, one row: the id that tags its Stripe objects when
+    ``BILLING_INSTALLATION_ID`` is not set (generated by migration 0007), and since when objects are
+    tagged (billing.installation, billing.ownership)."""
+
+    __tablename__ = "installations"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    installation_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = _now_default()

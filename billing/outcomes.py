@@ -7,7 +7,8 @@ functions (warehouse ``subscriptions/interfaces.py``).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 
 class OutcomeKind(enum.StrEnum):
@@ -18,8 +19,14 @@ class OutcomeKind(enum.StrEnum):
     authentication_required = "authentication_required"
     # 402 card_error: declined by the issuer (``decline_code``/``advice_code`` say how).
     declined = "declined"
-    # 400/404 that no retry will fix: the card was detached, the customer deleted, a bad parameter.
+    # Ours, before any request: nothing to charge with (no usable saved card). The customer can fix
+    # it by giving a card on the recovery page.
     invalid_request = "invalid_request"
+    # Stripe refused the request itself (400/404 ``invalid_request_error``): an amount outside the
+    # currency's limits, an unsupported currency, a deleted customer (``resource_missing``), a bad
+    # parameter. Not the card's fault, so not the customer's to fix: held for staff (``needs_review``).
+    # https://docs.stripe.com/api/errors (types), https://docs.stripe.com/error-codes
+    refused = "refused"
     canceled = "canceled"
 
 
@@ -32,11 +39,17 @@ class PaymentOutcome:
     decline_code: str | None = None
     advice_code: str | None = None
     message: str | None = None
+    # What the PaymentIntent itself says (when read from one), for billing.ownership to compare with
+    # our rows before the outcome is applied. Left out of equality: the outcome is the same outcome.
+    amount: int | None = field(default=None, compare=False)
+    currency: str | None = field(default=None, compare=False)
+    customer_id: str | None = field(default=None, compare=False)
+    metadata: dict[str, str] | None = field(default=None, compare=False)
 
     @property
     def is_failure(self) -> bool:
         return self.kind in (OutcomeKind.authentication_required, OutcomeKind.declined,
-                             OutcomeKind.invalid_request, OutcomeKind.canceled)
+                             OutcomeKind.invalid_request, OutcomeKind.refused, OutcomeKind.canceled)
 
 
 class TemporaryStripeError(Exception):
@@ -51,6 +64,17 @@ class TemporaryStripeError(Exception):
     def __init__(self, message: str = "", *, replayed: bool = False):
         super().__init__(message)
         self.replayed = replayed
+
+
+class StripeRequestRefused(Exception):
+    """Stripe refused a request outside the charge path (a customer page reading or creating a
+    PaymentIntent) with a 400/404 ``invalid_request_error``: resending it changes nothing.
+    ``code`` is Stripe's error code (``amount_too_small``, ``resource_missing``…), if it sent one."""
+
+    def __init__(self, message: str = "", *, code: str | None = None, http_status: int | None = None):
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
 
 
 @dataclass(frozen=True)
@@ -90,3 +114,48 @@ class PaymentIntentView:
     currency: str
     customer_id: str | None
     setup_future_usage: str | None
+
+
+@runtime_checkable
+class ChargeGateway(Protocol):
+    """What the charging phases and the reconciler need of the payment provider: our types in, our
+    types out. Tests pass hand-written fakes of it (``tests/fakes.py``), so policies and phases are
+    tested without HTTP (warehouse ``subscriptions/interfaces.py``)."""
+
+    def charge_off_session(self, *, customer_id: str, payment_method_id: str, amount: int, currency: str,
+                           mandate_id: str | None, metadata: dict[str, str],
+                           idempotency_key: str) -> PaymentOutcome: ...
+
+    def confirm_off_session(self, *, payment_intent_id: str, payment_method_id: str, mandate_id: str | None,
+                            idempotency_key: str) -> PaymentOutcome: ...
+
+    def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentOutcome: ...
+
+    def find_payment_intent(self, *, customer_id: str, attempt_id: int) -> PaymentOutcome | None: ...
+
+
+@runtime_checkable
+class PaymentGateway(ChargeGateway, Protocol):
+    """The whole payment provider as the product sees it: charging, plus enrolment and the customer
+    pages. :class:`billing.stripe_gateway.StripeGateway` is the real one (the only module that imports
+    ``stripe``)."""
+
+    def payment_intent_for_customer(self, payment_intent_id: str) -> PaymentIntentView: ...
+
+    def create_payment_intent_on_session(self, *, customer_id: str, amount: int, currency: str,
+                                         metadata: dict[str, str], idempotency_key: str) -> PaymentIntentView: ...
+
+    def create_customer(self, *, email: str, name: str, metadata: dict[str, str] | None = None,
+                        idempotency_key: str) -> str: ...
+
+    def create_setup_intent(self, *, customer_id: str, payment_method: str | None,
+                            idempotency_key: str, metadata: dict[str, str] | None = None) -> SetupResult: ...
+
+    def confirm_setup_intent(self, setup_intent_id: str, *, payment_method: str,
+                             idempotency_key: str) -> SetupResult: ...
+
+    def retrieve_setup_intent(self, setup_intent_id: str) -> SetupResult: ...
+
+    def retrieve_payment_method(self, payment_method_id: str) -> CardDetails: ...
+
+    def attach_payment_method(self, payment_method_id: str, customer_id: str) -> CardDetails: ...

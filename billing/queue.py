@@ -2,7 +2,8 @@
 
 ``paid`` is never in it. ``void`` (written off: nothing is owed any more) is left out unless asked for
 by the status filter; ``uncollectible`` stays in, since that money is still owed even though the
-retries have given up. Soonest retry first by default.
+retries have given up; so does ``needs_review`` (Stripe refused the request itself: staff decide), which
+has no scheduled retry and so sorts after the charges that have one. Soonest retry first by default.
 
 One query serves the console's page, its CSV export and ``billing queue``. It runs in two steps so a
 page costs the same with ten rows or a million: (1) the page's charge ids, read in the order of one
@@ -18,13 +19,16 @@ import io
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal
 
 from sqlalchemy import Select, and_, func, or_, select
 from sqlalchemy.orm import Session
 
+from billing import cards, money
 from billing.db import unit_of_work
-from billing.dunning import explain_decline
+from billing.dunning import explain_decline, explain_refusal
 from billing.models import Charge, ChargeStatus, Customer, Notification, PaymentMethod, RecoveryToken, Subscription
+from billing.text import CONTROL_MESSAGE, has_control_characters
 
 NOT_IN_QUEUE = (ChargeStatus.paid, ChargeStatus.void)
 QUEUE_STATUSES = tuple(s.value for s in ChargeStatus if s != ChargeStatus.paid)
@@ -59,6 +63,12 @@ class QueueFilter:
               date_from: str | date | None = None, date_to: str | date | None = None, sort: str | None = None,
               direction: str | None = None) -> QueueFilter:
         """From form fields or CLI flags: blank means "any"; anything else is checked."""
+        given = {"status": status, "decline_code": decline_code, "country": country, "from": date_from,
+                 "to": date_to, "sort": sort, "direction": direction}
+        for name, value in given.items():
+            # NUL would reach PostgreSQL (which refuses it in text) and CR/LF the page: refused, named.
+            if isinstance(value, str) and has_control_characters(value):
+                raise QueueFilterError(f"{name} {CONTROL_MESSAGE}")
         status = (status or "").strip() or None
         if status is not None and status not in QUEUE_STATUSES:
             raise QueueFilterError(f"status must be one of {', '.join(QUEUE_STATUSES)}")
@@ -145,20 +155,15 @@ def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC") if value else "-"
 
 
-# ISO 4217 currencies without a minor unit (Stripe's zero-decimal list).
-ZERO_DECIMAL = {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
-                "xaf", "xof", "xpf"}
+# Kept for code that imported it from here; the facts live in billing.money.
+ZERO_DECIMAL = money.ZERO_DECIMAL_CURRENCIES
 
 
-def format_amount(amount: int, currency: str) -> str:
-    if currency.lower() in ZERO_DECIMAL:
-        return str(amount)
-    return f"{amount / 100:.2f}"
+def format_amount(amount: int | Decimal, currency: str) -> str:
+    """The amount as a bare number for a column (``1234.56``, ``1500``, ``1.230``): the currency has its own."""
+    return money.format_amount(amount, currency, style="plain")
 
 
-def _card_id():
-    # The card a charge is collected from: the subscription's own, else the customer's default.
-    return func.coalesce(Subscription.payment_method_id, Customer.default_payment_method_id)
 
 
 def _where(query: Select, flt: QueueFilter) -> Select:
@@ -180,7 +185,7 @@ def _where(query: Select, flt: QueueFilter) -> Select:
         card = PaymentMethod.__table__.alias("card")
         query = (query.join(Subscription, Subscription.id == Charge.subscription_id)
                  .join(Customer, Customer.id == Subscription.customer_id)
-                 .join(card, card.c.id == _card_id())
+                 .join(card, card.c.id == cards.card_on_file_sql())
                  .where(card.c.country == flt.country))
     return query
 
@@ -230,13 +235,16 @@ def rows_for(session: Session, charge_ids: list[int]) -> list[QueueRow]:
                card.c.country, card.c.previous_authorization, Charge.created_at, Subscription.status)
         .join(Subscription, Subscription.id == Charge.subscription_id)
         .join(Customer, Customer.id == Subscription.customer_id)
-        .outerjoin(card, card.c.id == _card_id())
+        .outerjoin(card, card.c.id == cards.card_on_file_sql())
         .where(Charge.id.in_(charge_ids))
     )
     by_id = {}
     for (cid, sub_id, email, amount, currency, status, attempts, error, decline, next_retry, paused, notified, name,
          advice, emailed, opened_at, country, prev_auth, created, sub_status) in session.execute(query):
-        explanation = explain_decline(decline, advice, error) if (error or decline or advice) else None
+        if status == ChargeStatus.needs_review:
+            explanation = explain_refusal(error)
+        else:
+            explanation = explain_decline(decline, advice, error) if (error or decline or advice) else None
         by_id[cid] = QueueRow(cid, sub_id, email, amount, currency, status, attempts, error, decline, next_retry,
                               paused, notified, name, explanation, emailed, opened_at, country, bool(prev_auth),
                               created, sub_status)

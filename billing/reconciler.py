@@ -10,6 +10,9 @@ It never creates a PaymentIntent itself. It finds
   PaymentIntent is retrieved and its outcome applied;
 * charges waiting on the customer past the dunning horizon: given up (``uncollectible``), with the
   final notice.
+
+A PaymentIntent read back settles a charge only if it still says what the charge says
+(:mod:`billing.ownership`); one that does not is logged and counted, never applied.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 
-from billing import charging, dunning, metrics, stripe_gateway
+from billing import charging, dunning, metrics, ownership, state, stripe_gateway
 from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Customer, Subscription
-from billing.outcomes import OutcomeKind, TemporaryStripeError
+from billing.outcomes import ChargeGateway, OutcomeKind, PaymentOutcome, TemporaryStripeError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +41,7 @@ class SweepReport:
     given_up: list[int] = field(default_factory=list)
 
 
-def sweep(*, now: datetime | None = None, enqueue: charging.Enqueue, gateway=None,
+def sweep(*, now: datetime | None = None, enqueue: charging.Enqueue, gateway: ChargeGateway | None = None,
           stale_after: timedelta = STALE_AFTER) -> SweepReport:
     now = now or utcnow()
     report = SweepReport()
@@ -74,13 +77,13 @@ def requeue_stale(*, now: datetime, enqueue: charging.Enqueue, stale_after: time
     return ids
 
 
-def settle_processing(*, now: datetime, gateway=None, stale_after: timedelta = STALE_AFTER,
+def settle_processing(*, now: datetime, gateway: ChargeGateway | None = None, stale_after: timedelta = STALE_AFTER,
                       limit: int = 200) -> list[int]:
     """Processing charges whose attempt finished as ``processing``: ask Stripe how it ended."""
     cutoff = now - stale_after
     with unit_of_work() as uow:
         rows = uow.session.execute(
-            select(Charge.id, Charge.payment_intent_id).where(
+            select(Charge.id, Charge.payment_intent_id, _processing_since()).where(
                 Charge.status == ChargeStatus.processing, Charge.updated_at < cutoff,
                 Charge.payment_intent_id.is_not(None), ~_unfinished_attempt())
             .order_by(Charge.updated_at).limit(limit)).all()
@@ -88,7 +91,7 @@ def settle_processing(*, now: datetime, gateway=None, stale_after: timedelta = S
         return []
     gateway = stripe_gateway.resolve(gateway)
     settled = []
-    for charge_id, pi_id in rows:
+    for charge_id, pi_id, since in rows:
         try:
             outcome = gateway.retrieve_payment_intent(pi_id)
         except TemporaryStripeError:
@@ -96,7 +99,13 @@ def settle_processing(*, now: datetime, gateway=None, stale_after: timedelta = S
             continue
         with unit_of_work() as uow:
             charge = uow.session.scalars(select(Charge).where(Charge.id == charge_id).with_for_update()).one()
-            if outcome.kind is OutcomeKind.processing:
+            if outcome.kind is OutcomeKind.processing and since is not None and now - since > PROCESSING_LIMIT:
+                # Never settled: hold it for staff with the reason, instead of waiting forever.
+                charging.apply_outcome(uow.session, charge, PaymentOutcome(
+                    OutcomeKind.refused, payment_intent_id=pi_id, error_code=PROCESSING_TIMEOUT,
+                    message=f"still processing at Stripe after {PROCESSING_LIMIT}"), now=now)
+                settled.append(charge_id)
+            elif outcome.kind is OutcomeKind.processing or not _ours(uow.session, charge, outcome):
                 charging.mark_touched(uow.session, [charge_id], now)
             elif charge.status == ChargeStatus.processing:
                 charging.apply_outcome(uow.session, charge, outcome, now=now)
@@ -105,19 +114,18 @@ def settle_processing(*, now: datetime, gateway=None, stale_after: timedelta = S
     return settled
 
 
-def give_up_overdue(*, now: datetime, gateway=None, limit: int = 1000) -> list[int]:
+def give_up_overdue(*, now: datetime, gateway: ChargeGateway | None = None, limit: int = 1000) -> list[int]:
     """Charges waiting on the customer (authentication, a new card) whose horizon has passed.
 
     Stripe is asked first how each one's PaymentIntent stands: a customer who paid on the recovery
     page while the webhook went astray gets their payment recorded, not a final notice."""
     config = charging.dunning_config()
-    cutoff = now - config.give_up_after
+    waiting = [s.value for s in state.WAITING_ON_CUSTOMER]
     with unit_of_work() as uow:
         rows = uow.session.execute(
             select(Charge.id, Charge.payment_intent_id).where(
-                Charge.status.in_([ChargeStatus.authentication_required, ChargeStatus.requires_payment_method]),
-                Charge.first_failed_at <= cutoff)
-            .order_by(Charge.first_failed_at).limit(limit)).all()
+                Charge.status.in_(waiting), Charge.give_up_at <= now)
+            .order_by(Charge.give_up_at).limit(limit)).all()
     given_up = []
     for charge_id, pi_id in rows:
         outcome = _current_outcome(pi_id, gateway)
@@ -127,9 +135,10 @@ def give_up_overdue(*, now: datetime, gateway=None, limit: int = 1000) -> list[i
             s = uow.session
             charge = s.scalars(select(Charge).where(Charge.id == charge_id)
                                .with_for_update(skip_locked=True)).first()
-            if charge is None or charge.status not in (ChargeStatus.authentication_required,
-                                                       ChargeStatus.requires_payment_method):
+            if charge is None or charge.status not in waiting:
                 continue
+            if outcome is not None and not _ours(s, charge, outcome):
+                outcome = None  # a payment that is not this charge's does not settle it
             if outcome is not None and outcome.kind in (OutcomeKind.succeeded, OutcomeKind.processing):
                 charging.apply_outcome(s, charge, outcome, now=now)
                 uow.commit()
@@ -146,6 +155,26 @@ def give_up_overdue(*, now: datetime, gateway=None, limit: int = 1000) -> list[i
 
 
 _UNREACHABLE = object()
+
+# A card PaymentIntent that has not settled after this long is not going to on its own: staff decide.
+PROCESSING_LIMIT = timedelta(days=3)
+PROCESSING_TIMEOUT = "processing_timeout"
+
+
+def _processing_since():
+    """When the charge's latest attempt started (how long it has been processing)."""
+    return (select(func.max(Attempt.started_at)).where(Attempt.charge_id == Charge.id)
+            .correlate(Charge).scalar_subquery())
+
+
+def _ours(s, charge: Charge, outcome) -> bool:
+    """The PaymentIntent read back still says what the charge says (amount, currency, customer):
+    one changed at Stripe since is logged and counted, not applied (billing.ownership)."""
+    verdict = ownership.is_ours(s, charge, outcome)
+    if not verdict.ours:
+        ownership.reject(verdict, source=ownership.RECONCILER, charge_id=charge.id,
+                         payment_intent_id=outcome.payment_intent_id)
+    return verdict.ours
 
 
 def _current_outcome(payment_intent_id: str | None, gateway):

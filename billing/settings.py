@@ -10,6 +10,8 @@ embedded PostgreSQL and Redis under ``BILLING_DATA_DIR`` (see :mod:`billing.embe
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -45,6 +47,18 @@ class Settings(BaseSettings):
     smtp_url: str = "smtp://localhost:1025"
     mail_from: str = "billing@example.com"
     merchant_name: str = "Example Merchant"
+    # Tags every Stripe object this installation creates (``metadata.installation``), so installations
+    # sharing one Stripe account never act on each other's objects. Unset: the id generated once and
+    # stored in the database (billing.installation).
+    installation_id: str | None = None
+    # Comma-separated addresses or CIDR blocks of the reverse proxies in front of ``billing web``: only
+    # from these is ``X-Forwarded-For`` believed (billing.web.client). Empty: none, the peer is the client.
+    trusted_proxies: str = ""
+
+    # /metrics: with a token, `Authorization: Bearer <token>` from anywhere; without, loopback scrapers only.
+    metrics_token: str | None = None
+    # /docs (Swagger UI from the swagger-ui-py package's files, never a CDN); off unless asked for.
+    api_docs: bool = False
 
     billing_run_interval_seconds: float = Field(default=60.0, gt=0)
     # What happens to a subscription when its last dunning step is exhausted: unpaid or canceled.
@@ -82,11 +96,37 @@ class Settings(BaseSettings):
             raise ValueError("must look like smtp://host:port")
         return v
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, v: str) -> str:
+        entries = [e.strip() for e in v.split(",") if e.strip()]
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not an IP address or CIDR block") from None
+        return ",".join(entries)
+
     @field_validator("stripe_api_key")
     @classmethod
     def _api_key(cls, v: str | None) -> str | None:
         if v and not v.startswith(("sk_", "rk_")):
             raise ValueError("must be a Stripe secret key (sk_… or rk_…)")
+        return v or None
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token(cls, v: str | None) -> str | None:
+        if v and (len(v) < 16 or not v.isascii() or not v.isprintable() or " " in v):
+            raise ValueError("must be at least 16 printable ASCII characters without spaces")
+        return v or None
+
+    @field_validator("installation_id")
+    @classmethod
+    def _installation_id(cls, v: str | None) -> str | None:
+        # Short and plain: it is compared as is in Stripe metadata and shows in logs and dashboards.
+        if v and not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", v):
+            raise ValueError("must be 1 to 40 characters among A-Z a-z 0-9 _ -")
         return v or None
 
     @field_validator("final_subscription_status")

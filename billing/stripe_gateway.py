@@ -9,7 +9,9 @@ Two kinds of failure take two code paths (ARCHITECTURE practice 7):
   that key. https://docs.stripe.com/error-low-level#idempotency,
   https://docs.stripe.com/rate-limits#handling-limiting-gracefully
 * card errors and permanent request errors become a :class:`~billing.outcomes.PaymentOutcome` that
-  the dunning policy decides on.
+  the dunning policy decides on: a card error is a decline, a request Stripe refuses
+  (``invalid_request_error``) is :attr:`~billing.outcomes.OutcomeKind.refused`, held for staff
+  (:func:`outcome_from_error`).
 
 The SDK's own retries are off (``max_network_retries=0``): it would invent a key of its own for a
 call we made without one, and every send must pass through the shared rate limiter.
@@ -27,13 +29,15 @@ from typing import Any, Protocol
 
 import stripe
 
-from billing import metrics
+from billing import installation, metrics, ownership
 from billing.outcomes import (
     CardDetails,
     OutcomeKind,
+    PaymentGateway,
     PaymentIntentView,
     PaymentOutcome,
     SetupResult,
+    StripeRequestRefused,
     TemporaryStripeError,
 )
 from billing.settings import Settings, get_settings
@@ -65,9 +69,10 @@ _STATUS_KIND = {
     "requires_action": OutcomeKind.authentication_required,
     "requires_payment_method": OutcomeKind.declined,
     "canceled": OutcomeKind.canceled,
-    # Neither should follow a confirm=true off-session create; settled later like processing.
-    "requires_confirmation": OutcomeKind.processing,
-    "requires_capture": OutcomeKind.processing,
+    # Neither follows a confirm=true, automatic-capture create: nothing we do will settle them, so
+    # they are held for staff (needs_review) with the status named, instead of "processing" forever.
+    "requires_confirmation": OutcomeKind.refused,
+    "requires_capture": OutcomeKind.refused,
 }
 
 
@@ -75,10 +80,14 @@ def outcome_from_payment_intent(pi: Any) -> PaymentOutcome:
     """Classify a PaymentIntent object (SDK object or plain dict) by its status and last error."""
     status = pi["status"]
     err = pi.get("last_payment_error") or {}
-    kind = _STATUS_KIND.get(status, OutcomeKind.processing)
+    # A status this code does not know is held for staff too (never guessed to be "processing").
+    kind = _STATUS_KIND.get(status, OutcomeKind.refused)
     if kind is OutcomeKind.declined and err.get("code") == "authentication_required":
         kind = OutcomeKind.authentication_required
+    if kind is OutcomeKind.refused and not err.get("code"):
+        err = {**err, "code": f"payment_intent_{status}"}
     pm = pi.get("payment_method")
+    customer = pi.get("customer")
     return PaymentOutcome(
         kind=kind,
         payment_intent_id=pi["id"],
@@ -87,7 +96,18 @@ def outcome_from_payment_intent(pi: Any) -> PaymentOutcome:
         decline_code=err.get("decline_code"),
         advice_code=err.get("advice_code"),
         message=err.get("message"),
+        # What billing.ownership compares with our rows before this outcome moves a charge.
+        amount=pi.get("amount"),
+        currency=pi.get("currency"),
+        customer_id=customer if isinstance(customer, str) or customer is None else customer.get("id"),
+        metadata=dict(pi.get("metadata") or {}),
     )
+
+
+def _tagged(metadata: dict[str, str] | None) -> dict[str, str]:
+    """``metadata`` with this installation's id, which every object we create carries (the caller's
+    value, when it set one, is the one sent: a resend must repeat its first send exactly)."""
+    return {installation.METADATA_KEY: installation.installation_id(), **(metadata or {})}
 
 
 # Codes that mean "the card was refused", whatever error type carried them: Stripe sends them as
@@ -98,25 +118,38 @@ _CARD_CODES = frozenset({"card_declined", "authentication_required", "expired_ca
                          "invalid_expiry_month", "invalid_expiry_year", "card_decline_rate_limit_exceeded"})
 
 
-def _outcome_from_error(exc: stripe.StripeError) -> PaymentOutcome:
-    """A refused payment request. Off-session, Stripe answers a decline with 402 and leaves the
-    PaymentIntent ``requires_payment_method``; the error carries it.
-    https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method"""
-    body = (exc.json_body or {}).get("error", {})
-    code = body.get("code") or getattr(exc, "code", None)
-    if isinstance(exc, stripe.CardError) or code in _CARD_CODES or body.get("decline_code"):
+def outcome_from_error(error: dict, *, card_error: bool = False) -> PaymentOutcome:
+    """Classify a refused payment request from Stripe's error object (``{"type", "code",
+    "decline_code", "payment_intent", …}``, https://docs.stripe.com/api/errors).
+
+    * A card error (HTTP 402 ``card_error``, or a card code / decline code however it is labelled) is a
+      decline: off-session, Stripe leaves the PaymentIntent ``requires_payment_method`` and the error
+      carries it. https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method
+    * Anything else (400/404 ``invalid_request_error``: ``amount_too_small``, ``amount_too_large``, an
+      unsupported currency, ``resource_missing`` for a deleted customer, ``parameter_invalid_*``…) is
+      Stripe refusing the request itself, not the card: :attr:`OutcomeKind.refused`, which no retry and
+      no new card fixes. https://docs.stripe.com/error-codes
+    """
+    code = error.get("code")
+    if card_error or error.get("type") == "card_error" or code in _CARD_CODES or error.get("decline_code"):
         kind = OutcomeKind.authentication_required if code == "authentication_required" else OutcomeKind.declined
     else:
-        kind = OutcomeKind.invalid_request
+        kind = OutcomeKind.refused
     return PaymentOutcome(
         kind=kind,
-        payment_intent_id=(body.get("payment_intent") or {}).get("id"),
-        payment_method_id=(body.get("payment_method") or {}).get("id"),
+        payment_intent_id=(error.get("payment_intent") or {}).get("id"),
+        payment_method_id=(error.get("payment_method") or {}).get("id"),
         error_code=code or "invalid_request",
-        decline_code=body.get("decline_code"),
-        advice_code=body.get("advice_code"),
-        message=body.get("message"),
+        decline_code=error.get("decline_code"),
+        advice_code=error.get("advice_code"),
+        message=error.get("message"),
     )
+
+
+def _outcome_from_error(exc: stripe.StripeError) -> PaymentOutcome:
+    body = dict((exc.json_body or {}).get("error") or {})
+    body["code"] = body.get("code") or getattr(exc, "code", None)
+    return outcome_from_error(body, card_error=isinstance(exc, stripe.CardError))
 
 
 def _is_temporary(exc: stripe.StripeError) -> bool:
@@ -190,7 +223,6 @@ class StripeGateway:
         self._max_sends = max_sends
         self._backoff_base = backoff_base
         self._sleep = sleep
-        self.sends = 0  # requests actually sent (benchmarks read it)
 
     # --- the one place a request leaves --------------------------------------------------------
 
@@ -199,7 +231,6 @@ class StripeGateway:
         for attempt in range(1, self._max_sends + 1):
             if self._limiter is not None:
                 metrics.observe_rate_limit_wait(endpoint, self._limiter.acquire(endpoint))
-            self.sends += 1
             try:
                 result = metrics.stripe_call(endpoint, call, options)
                 # Plain dicts from here on: our code reads fields, it never calls back into the SDK.
@@ -235,20 +266,35 @@ class StripeGateway:
         params: dict[str, Any] = {
             "amount": amount, "currency": currency, "customer": customer_id,
             "payment_method": payment_method_id, "payment_method_types": ["card"],
-            "off_session": True, "confirm": True, "metadata": metadata,
+            "off_session": True, "confirm": True, "metadata": _tagged(metadata),
         }
         if mandate_id:
             params["mandate"] = mandate_id
         outcome = self._payment_call("POST /v1/payment_intents",
                                      lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key)
         if (outcome.is_failure and outcome.payment_intent_id is None and "attempt_id" in metadata
-                and outcome.kind is not OutcomeKind.invalid_request):
+                and outcome.kind is not OutcomeKind.refused):
             # A decline that did not name its PaymentIntent: find it, so the period's retries
             # re-confirm that one instead of creating another.
             found = self.find_payment_intent(customer_id=customer_id, attempt_id=int(metadata["attempt_id"]))
-            if found is not None:
+            if found is not None and self._sent_by_this_request(found, params, idempotency_key):
                 outcome = dataclasses.replace(outcome, payment_intent_id=found.payment_intent_id)
         return outcome
+
+    @staticmethod
+    def _sent_by_this_request(found: PaymentOutcome, params: dict[str, Any], idempotency_key: str) -> bool:
+        """A PaymentIntent found after a decline is adopted only if it is the one this very request
+        made: same installation, charge, customer, amount, currency and attempt key."""
+        meta = params["metadata"]
+        expected = ownership.Expected(
+            charge_id=int(meta.get("charge_id") or 0), amount=params["amount"], currency=params["currency"],
+            customer_id=params["customer"], payment_intent_id=None,
+            attempt_keys={str(meta["attempt_id"]): meta.get("attempt_key") or idempotency_key})
+        verdict = ownership.verify(ownership.Intent.of(found), expected, meta[installation.METADATA_KEY])
+        if not verdict.ours:
+            ownership.reject(verdict, source=ownership.DECLINE_LOOKUP, payment_intent_id=found.payment_intent_id,
+                             attempt_id=meta["attempt_id"])
+        return verdict.ours
 
     def confirm_off_session(self, *, payment_intent_id: str, payment_method_id: str, mandate_id: str | None,
                             idempotency_key: str) -> PaymentOutcome:
@@ -260,7 +306,7 @@ class StripeGateway:
         outcome = self._payment_call(
             "POST /v1/payment_intents/:id/confirm",
             lambda o: self._client.v1.payment_intents.confirm(payment_intent_id, params, o), idempotency_key)
-        if outcome.kind is OutcomeKind.invalid_request and outcome.error_code == "payment_intent_unexpected_state":
+        if outcome.kind is OutcomeKind.refused and outcome.error_code == "payment_intent_unexpected_state":
             # Already succeeded or processing (the customer paid on the recovery page meanwhile).
             return self.retrieve_payment_intent(payment_intent_id)
         return outcome
@@ -282,9 +328,19 @@ class StripeGateway:
         with Stripe.js on this very PaymentIntent (a retrieve with the secret key returns the secret).
         https://docs.stripe.com/payments/save-and-reuse#charge-saved-payment-method ("start a recovery
         flow"), https://docs.stripe.com/js/payment_intents/confirm_card_payment"""
-        pi = self._send("GET /v1/payment_intents/:id",
-                        lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
+        pi = self._refusable("GET /v1/payment_intents/:id",
+                             lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
         return intent_view(pi)
+
+    def _refusable(self, endpoint: str, call: Callable[[dict], Any], idempotency_key: str | None = None) -> Any:
+        """:meth:`_send` for the customer pages' calls: a request Stripe refuses (400/404, e.g. an amount
+        under the currency's minimum, a deleted customer) becomes our
+        :class:`~billing.outcomes.StripeRequestRefused`, which the pages answer with a clear page."""
+        try:
+            return self._send(endpoint, call, idempotency_key=idempotency_key)
+        except stripe.InvalidRequestError as exc:
+            raise StripeRequestRefused(f"{endpoint}: Stripe refused the request", code=getattr(exc, "code", None),
+                                       http_status=getattr(exc, "http_status", None)) from None
 
     def create_payment_intent_on_session(self, *, customer_id: str, amount: int, currency: str,
                                          metadata: dict[str, str], idempotency_key: str) -> PaymentIntentView:
@@ -292,16 +348,20 @@ class StripeGateway:
         due): the customer confirms it on the recovery page with a new card.
         https://docs.stripe.com/api/payment_intents/create"""
         params = {"amount": amount, "currency": currency, "customer": customer_id,
-                  "payment_method_types": ["card"], "metadata": metadata}
-        pi = self._send("POST /v1/payment_intents",
-                        lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key=idempotency_key)
+                  "payment_method_types": ["card"], "metadata": _tagged(metadata)}
+        pi = self._refusable("POST /v1/payment_intents",
+                             lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key)
         return intent_view(pi)
 
     def find_payment_intent(self, *, customer_id: str, attempt_id: int) -> PaymentOutcome | None:
         """The PaymentIntent an attempt created, found by our metadata when its id never reached us
         (a lost response, a crash, or keys pruned after 24 h). The list endpoint is read rather than
         Search because Search is eventually consistent and may miss a minute-old PaymentIntent.
-        https://docs.stripe.com/search#data-freshness"""
+        https://docs.stripe.com/search#data-freshness
+
+        One tagged by another installation on the account (its attempt ids repeat ours) is passed
+        over and counted; what is returned is still only a claim, which the caller checks with
+        :mod:`billing.ownership` before applying it."""
         def newest(params: dict) -> list[dict]:
             return self._send("GET /v1/payment_intents",
                               lambda o: self._client.v1.payment_intents.list(params, o)).get("data", [])
@@ -315,24 +375,32 @@ class StripeGateway:
         for pi in candidates:
             customer = pi.get("customer")
             customer = customer if isinstance(customer, str) or customer is None else customer.get("id")
-            if customer == customer_id and (pi.get("metadata") or {}).get("attempt_id") == str(attempt_id):
-                return outcome_from_payment_intent(pi)
+            meta = pi.get("metadata") or {}
+            if customer != customer_id or meta.get("attempt_id") != str(attempt_id):
+                continue
+            tag = meta.get(installation.METADATA_KEY)
+            if tag is not None and tag != installation.installation_id():
+                ownership.reject(ownership.Verdict(False, "installation"), source=ownership.SEARCH,
+                                 payment_intent_id=pi.get("id"), attempt_id=attempt_id)
+                continue
+            return outcome_from_payment_intent(pi)
         return None
 
     # --- customers and cards ---------------------------------------------------------------------
 
     def create_customer(self, *, email: str, name: str, metadata: dict[str, str] | None = None,
                         idempotency_key: str) -> str:
-        params = {"email": email, "name": name, "metadata": metadata or {}}
+        params = {"email": email, "name": name, "metadata": _tagged(metadata)}
         return self._send("POST /v1/customers", lambda o: self._client.v1.customers.create(params, o),
                           idempotency_key=idempotency_key)["id"]
 
     def create_setup_intent(self, *, customer_id: str, payment_method: str | None,
-                            idempotency_key: str) -> SetupResult:
+                            idempotency_key: str, metadata: dict[str, str] | None = None) -> SetupResult:
         """A SetupIntent for future off-session use; with ``payment_method`` it is confirmed here.
         Created and confirmed in two calls, which every Stripe-compatible server accepts.
         https://docs.stripe.com/payments/save-and-reuse"""
-        params = {"customer": customer_id, "usage": "off_session", "payment_method_types": ["card"]}
+        params = {"customer": customer_id, "usage": "off_session", "payment_method_types": ["card"],
+                  "metadata": _tagged(metadata)}
         si = self._send("POST /v1/setup_intents", lambda o: self._client.v1.setup_intents.create(params, o),
                         idempotency_key=f"{idempotency_key}-create")
         if not payment_method:
@@ -386,6 +454,7 @@ def get_gateway() -> StripeGateway:
     return build_gateway(settings, limiter_from_settings(settings))
 
 
-def resolve(gateway=None):
-    """``gateway`` when one is given (tests pass a fake of this interface), else the process's."""
+def resolve(gateway: PaymentGateway | None = None) -> PaymentGateway:
+    """``gateway`` when one is given (tests pass a fake of :class:`~billing.outcomes.PaymentGateway`),
+    else the process's :class:`StripeGateway`."""
     return gateway if gateway is not None else get_gateway()

@@ -21,7 +21,10 @@ after the commit. :func:`process` then applies it, at most once per event:
   task retries later): the attempt records the same outcome from Stripe's answer.
 
 Outcomes written to ``webhook_events.outcome``: ``applied``, ``unchanged`` (the state already holds
-it), ``stale``, ``ignored`` (nothing to do, e.g. the charge is final), ``unknown_object`` (not ours),
+it), ``stale``, ``ignored`` (nothing to do, e.g. the charge is final), ``unknown_object`` (about
+nothing of ours), ``foreign`` (a PaymentIntent naming one of our charges that is not provably ours:
+another installation's on the same Stripe account, a restored database's twin, or one whose amount,
+currency or customer is not the charge's — logged, counted and never applied, :mod:`billing.ownership`),
 ``unknown_type``.
 
 Nothing here imports FastAPI or Celery. The stored payload has every ``client_secret`` removed, and
@@ -46,10 +49,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from billing import charging, customer_pages, enrolment, metrics, stripe_gateway
+from billing import charging, customer_pages, enrolment, metrics, ownership, state, stripe_gateway
 from billing.db import get_engine, unit_of_work
 from billing.models import (
-    FINAL_CHARGE_STATUSES,
     Attempt,
     AttemptPhase,
     CardSetup,
@@ -59,7 +61,7 @@ from billing.models import (
     PaymentMethod,
     WebhookEvent,
 )
-from billing.outcomes import CardDetails, OutcomeKind, PaymentOutcome, SetupResult
+from billing.outcomes import CardDetails, OutcomeKind, PaymentGateway, PaymentOutcome, SetupResult
 from billing.stripe_gateway import outcome_from_payment_intent
 
 log = logging.getLogger(__name__)
@@ -272,7 +274,7 @@ class _NeedFetch(Exception):
     """The handler needs a fresh copy of the object from Stripe before it can decide."""
 
 
-def process(event_row_id: int, *, gateway=None, now: datetime | None = None) -> str:
+def process(event_row_id: int, *, gateway: PaymentGateway | None = None, now: datetime | None = None) -> str:
     """Apply one stored event; returns its outcome (or ``already_processed`` / ``missing``).
 
     Raises :class:`EventDeferred` when it should be tried again later, and
@@ -307,7 +309,10 @@ def _adopt_new_card(event_row_id: int, ctx: _Context) -> None:
     the card becomes the default even if the page never reported back. Idempotent: a card already
     the default is left alone."""
     with unit_of_work() as uow:
-        pi = uow.session.get(WebhookEvent, event_row_id).payload["data"]["object"]
+        row = uow.session.get(WebhookEvent, event_row_id)
+        pi, outcome = row.payload["data"]["object"], row.outcome
+    if outcome == "foreign":
+        return  # not ours: its card is nobody's here
     if pi.get("setup_future_usage") == "off_session":
         customer_pages.adopt_card_paid_with(pi, gateway=ctx.get_gateway())
 
@@ -394,18 +399,29 @@ def _created_at(row: WebhookEvent) -> datetime:
 # --- payment_intent.* ---------------------------------------------------------------------------
 
 def _find_charge(s: Session, pi: dict[str, Any]) -> Charge | None:
-    """Our charge for a PaymentIntent, locked: by its id, else by the ``charge_id`` we put in its
-    metadata (the PaymentIntent was created but its id never reached us)."""
+    """The charge a PaymentIntent is about, locked: the one whose PaymentIntent it is, else the one its
+    metadata names (created, but its id never reached us). Only a claim so far: the caller asks
+    :func:`billing.ownership.is_ours` before it moves anything."""
     charge = s.scalars(select(Charge).where(Charge.payment_intent_id == pi["id"]).with_for_update()).first()
     if charge is not None:
         return charge
     raw = (pi.get("metadata") or {}).get("charge_id")
-    if not isinstance(raw, str) or not raw.isdigit():
+    if not isinstance(raw, str) or not raw.isdigit() or len(raw) > 18:
         return None
-    charge = s.scalars(select(Charge).where(Charge.id == int(raw)).with_for_update()).first()
-    if charge is None or charge.payment_intent_id not in (None, pi["id"]):
+    return s.scalars(select(Charge).where(Charge.id == int(raw)).with_for_update()).first()
+
+
+def _not_ours(s: Session, row: WebhookEvent, charge: Charge, pi: dict[str, Any]) -> str | None:
+    """``foreign`` (logged and counted) when the PaymentIntent is not provably ours, else ``None``."""
+    verdict = ownership.is_ours(s, charge, pi)
+    if verdict.ours:
         return None
-    return charge
+    if charge.payment_intent_id is None and _attempt_in_flight(s, charge.id):
+        # The attempt in flight may be about to record this very PaymentIntent as the charge's own.
+        raise EventDeferred(f"an attempt at charge {charge.id} is in flight")
+    ownership.reject(verdict, source=ownership.WEBHOOK, charge_id=charge.id, payment_intent_id=pi["id"],
+                     event_row_id=row.id, event_type=row.type)
+    return "foreign"
 
 
 def _attempt_in_flight(s: Session, charge_id: int) -> bool:
@@ -429,6 +445,7 @@ _STATUS_AFTER = {
     OutcomeKind.authentication_required: ChargeStatus.authentication_required,
     OutcomeKind.declined: ChargeStatus.requires_payment_method,
     OutcomeKind.invalid_request: ChargeStatus.requires_payment_method,
+    OutcomeKind.refused: ChargeStatus.needs_review,
     OutcomeKind.canceled: ChargeStatus.requires_payment_method,
 }
 
@@ -447,7 +464,12 @@ def _handle_payment_intent(s: Session, row: WebhookEvent, ctx: _Context, fetched
     charge = _find_charge(s, pi)
     if charge is None:
         return "unknown_object"
-    if charge.status == ChargeStatus.paid or (charge.status in FINAL_CHARGE_STATUSES
+    foreign = _not_ours(s, row, charge, pi)
+    if foreign is not None:
+        return foreign
+    if charge.payment_intent_id not in (None, pi["id"]):
+        return "unknown_object"  # ours, but the charge has moved on to another PaymentIntent
+    if charge.status == ChargeStatus.paid or (charge.status in state.FINAL
                                               and row.type != "payment_intent.succeeded"):
         # A success still counts on a charge given up or written off: the money was collected.
         return "ignored"
@@ -481,7 +503,8 @@ def _handle_payment_intent(s: Session, row: WebhookEvent, ctx: _Context, fetched
         charge.payment_intent_id = pi["id"]
     # The latest attempt's number: the one the charge task passes for this same outcome, so the
     # failure email's dedupe key is shared and it is written once whichever path comes first.
-    result = charging.apply_outcome(s, charge, outcome, now=ctx.now, attempt_number=charge.attempts or 1)
+    result = charging.apply_outcome(s, charge, outcome, now=ctx.now, attempt_number=charge.attempts or 1,
+                                    manual=latest is not None and latest.manual)
     return "ignored" if result.startswith("ignored:") else "applied"
 
 
@@ -615,4 +638,3 @@ _HANDLERS: dict[str, Handler] = {
     "payment_method.automatically_updated": _handle_pm_updated,
     "mandate.updated": _handle_mandate_updated,
 }
-HANDLED_TYPES = frozenset(_HANDLERS)

@@ -3,6 +3,7 @@ idempotency would, and records what was asked of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,9 @@ class FakeGateway:
         if idempotency_key in self.by_key:
             return self.by_key[idempotency_key]
         pi_id = f"pi_fake_{next(self._ids)}"
-        outcome = self._outcome_for(payment_method_id, pi_id)
+        # The PaymentIntent's own fields too, which the product compares with its rows (billing.ownership).
+        outcome = dataclasses.replace(self._outcome_for(payment_method_id, pi_id), amount=amount, currency=currency,
+                                      customer_id=customer_id, metadata=dict(metadata))
         self.intents[pi_id] = {"metadata": dict(metadata), "outcome": outcome, "customer": customer_id}
         self.by_key[idempotency_key] = outcome
         self._maybe_fail("after")

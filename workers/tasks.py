@@ -36,44 +36,55 @@ def run_billing() -> None:
     log.info("billing run finished", extra={"report": repr(report)})
 
 
-@app.task(bind=True, ignore_result=True, max_retries=CHARGE_MAX_RETRIES)
-def charge_attempt(self, charge_id: int) -> None:
-    try:
-        result = charging.process_charge(charge_id)
-    except TemporaryStripeError as exc:
-        # The attempt row keeps its idempotency key, so the retry resends the same request.
-        if self.request.retries >= self.max_retries:
-            log.warning("charge attempt still failing temporarily; left to the reconciler",
-                        extra={"charge_id": charge_id, "error": type(exc).__name__})
-            return
-        raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
-    if result == "locked" and self.request.retries < self.max_retries:
-        raise self.retry(countdown=1 + random.uniform(0, 2))
+class RetryingTask(app.Task):
+    """The one owner of task retries (warehouse ``warehouse/tasks.py``). A body raises
+    :class:`TemporaryStripeError` (Stripe unreachable), :class:`~billing.webhooks.EventDeferred` or
+    returns ``"locked"`` (the row is held for a moment); the base class retries with backoff and
+    jitter, and after ``max_retries`` logs and leaves the work to the sweeps (reconciler, retry
+    sweep, inbox requeue), which find it from the database. The attempt row keeps its idempotency
+    key, so a retry resends the same request."""
+
+    abstract = True
+    ignore_result = True
+    max_retries = CHARGE_MAX_RETRIES
+    temporary: tuple[type[Exception], ...] = (TemporaryStripeError,)
+
+    def __call__(self, *args, **kwargs):
+        try:
+            result = self.run(*args, **kwargs)
+        except self.temporary as exc:
+            if self.request.retries >= self.max_retries:
+                log.warning("task still failing temporarily; left to the sweeps",
+                            extra={"task": self.name, "task_args": list(args), "error": type(exc).__name__})
+                return None
+            raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
+        if result == "locked" and self.request.retries < self.max_retries:
+            raise self.retry(countdown=1 + random.uniform(0, 2))
+        return result
+
+
+@app.task(base=RetryingTask, bind=True)
+def charge_attempt(self, charge_id: int) -> str:
+    return charging.process_charge(charge_id)
 
 
 def enqueue_manual_retry(charge_id: int) -> None:
     retry_charge_now.delay(charge_id)
 
 
-@app.task(bind=True, ignore_result=True, max_retries=CHARGE_MAX_RETRIES)
-def retry_charge_now(self, charge_id: int) -> None:
-    """A staff "retry now": the scheduled run's exactly-once path, before the charge's retry time."""
-    try:
-        result = charging.process_charge(charge_id, manual=True)
-    except TemporaryStripeError as exc:
-        if self.request.retries >= self.max_retries:
-            log.warning("manual retry still failing temporarily; left to the reconciler",
-                        extra={"charge_id": charge_id, "error": type(exc).__name__})
-            return
-        raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
-    if result == "locked" and self.request.retries < self.max_retries:
-        raise self.retry(countdown=1 + random.uniform(0, 2))
+@app.task(base=RetryingTask, bind=True)
+def retry_charge_now(self, charge_id: int) -> str:
+    """A staff "retry now": the scheduled run's exactly-once path, before the charge's retry time.
+    The request is a row (``charges.retry_requested_at``): a lost or busy run is sent again by the
+    retry sweep until an attempt claims the charge."""
+    result = charging.process_charge(charge_id, manual=True)
     log.info("manual retry finished", extra={"charge_id": charge_id, "result": result})
+    return result
 
 
 @app.task(ignore_result=True)
 def retry_due_charges() -> None:
-    charging.retry_due(now=None, enqueue=enqueue_charge)
+    charging.retry_due(now=None, enqueue=enqueue_charge, enqueue_manual=enqueue_manual_retry)
 
 
 @app.task(ignore_result=True)
@@ -96,15 +107,14 @@ def enqueue_webhook_event(event_row_id: int) -> None:
     process_webhook_event.delay(event_row_id)
 
 
-@app.task(bind=True, ignore_result=True, max_retries=WEBHOOK_MAX_RETRIES)
+class WebhookTask(RetryingTask):
+    abstract = True
+    max_retries = WEBHOOK_MAX_RETRIES
+    # Deferred while a charge attempt is in flight (it records the same outcome), or Stripe was
+    # unreachable for a re-read: the stored event is processed again later.
+    temporary = (webhooks.EventDeferred, TemporaryStripeError)
+
+
+@app.task(base=WebhookTask, bind=True)
 def process_webhook_event(self, event_row_id: int) -> None:
-    try:
-        webhooks.process(event_row_id)
-    except (webhooks.EventDeferred, TemporaryStripeError) as exc:
-        # Deferred while a charge attempt is in flight (it records the same outcome), or Stripe was
-        # unreachable for a re-read: the stored event is processed again later.
-        if self.request.retries >= self.max_retries:
-            log.warning("webhook event still not processed; left for a later sweep",
-                        extra={"event_row_id": event_row_id, "error": type(exc).__name__})
-            return
-        raise self.retry(countdown=retry_countdown(self.request.retries), exc=exc) from None
+    webhooks.process(event_row_id)

@@ -5,9 +5,15 @@ Handlers are thin: parse with the Pydantic models below (which are also the Open
 
 Errors, all ``{"error": {"code", "message", …}}`` (see :mod:`billing.web.app`):
 
-- 400 ``malformed_json``; 422 ``invalid_request`` (schema) or ``invalid_input`` (a value the
-  service refuses: email, currency, interval_count, an unknown ``pm_…`` id, with Stripe's code).
-- 404 ``not_found`` for an unknown customer, subscription or card setup.
+- 401 ``unauthorized`` without a live API key (``Authorization: Bearer <key>``); 403 ``forbidden`` for
+  a ``read`` key on a write. Checked before the body is parsed (:mod:`billing.web.auth`).
+- 400 ``malformed_json``; 422 ``invalid_request`` (schema, or a control character such as NUL, CR or
+  LF in any text: the message names the field) or ``invalid_input`` (a value the service refuses:
+  email, a currency Stripe does not support, an amount outside Stripe's minimum and maximum for its
+  currency, ``start_at`` outside its window, interval_count, an unknown ``pm_…`` id, with Stripe's code).
+- 413 ``payload_too_large`` for a body over 64 KiB (:mod:`billing.web.limits`).
+- 404 ``not_found`` for an unknown customer, subscription or card setup, and for an id that cannot be
+  one (beyond BIGINT, negative, or a card setup id with characters Stripe never uses).
 - 402 with Stripe's code (``card_declined``, ``expired_card``, …) when the card given for a card
   setup is declined: the same status Stripe answers a card error with. The card setup is recorded
   (``setup_intent_id`` in the error) and the client may retry with another card.
@@ -20,18 +26,19 @@ Errors, all ``{"error": {"code", "message", …}}`` (see :mod:`billing.web.app`)
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Security
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, StrictInt
+from pydantic_core import PydanticCustomError
 
 from billing import enrolment
 from billing.models import Charge, PaymentMethod, Subscription
-from billing.web import metrics
-
-router = APIRouter(prefix="/api", tags=["api"])
+from billing.text import CONTROL_MESSAGE, has_control_characters
+from billing.web import auth, metrics
 
 
 class ErrorDetail(BaseModel):
@@ -47,16 +54,62 @@ def _errors(*statuses: int) -> dict[int | str, dict]:
     return {status: {"model": ErrorBody} for status in statuses}
 
 
+# Every route needs a key (401 without a live one, 403 for a read key on a write): see billing.web.auth.
+router = APIRouter(prefix="/api", tags=["api"], route_class=auth.KeyCheckedRoute,
+                   dependencies=[Security(auth.api_key)], responses=_errors(401, 403))
+
+
 class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _no_control_characters(value: str) -> str:
+    if has_control_characters(value):
+        raise PydanticCustomError("control_characters", CONTROL_MESSAGE)
+    return value
+
+
+# Text a client sends: control characters (NUL, CR, LF, …: billing.text) are a 422 naming the field.
+# The pattern says the same in OpenAPI (the check itself is ours, for its message).
+Text = Annotated[str, AfterValidator(_no_control_characters),
+                 Field(json_schema_extra={"pattern": "^[^\\x00-\\x1f\\x7f-\\x9f\\u2028\\u2029]*$"})]
+
+_ZONED_TIME = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?(?:[Zz]|[+-]\d{2}:\d{2})")
+
+
+def _zoned_time_string(value: object) -> object:
+    # Pydantic alone would also take 0 (a Unix time), a date alone, or a time without a zone.
+    if isinstance(value, datetime) or (isinstance(value, str) and _ZONED_TIME.fullmatch(value)):
+        return value
+    raise PydanticCustomError("zoned_datetime", "must be an ISO 8601 date and time with a zone offset, "
+                                                "e.g. 2030-01-31T09:00:00+01:00")
+
+
+# An ISO 8601 string with its zone: ``2030-01-31T09:00:00+01:00`` or ``…Z``.
+ZonedDateTime = Annotated[AwareDatetime, BeforeValidator(_zoned_time_string)]
+_LOCALE_PATTERN = r"^[A-Za-z]{2,3}(-[A-Za-z]{4})?(-([A-Za-z]{2}|[0-9]{3}))?$"
+
+
+def _digits_only(value: object) -> object:
+    # int() would take "1\r" or " 1" or "1_000"; an id in a path is digits (a sign at most), nothing else.
+    if isinstance(value, str) and not re.fullmatch(r"-?[0-9]{1,40}", value):
+        raise PydanticCustomError("int_parsing", "must be a whole number")
+    return value
+
+
+# An id in a path. One beyond BIGINT, zero or negative is no row's: the service answers 404 for it.
+PathId = Annotated[int, BeforeValidator(_digits_only)]
 
 
 # --- customers -------------------------------------------------------------------------------------
 
 class CustomerIn(Request):
-    email: str = Field(max_length=320, examples=["ada@example.com"])
-    name: str = Field(max_length=200, examples=["Ada Lovelace"])
-    country: str | None = Field(default=None, description="ISO 3166-1 alpha-2", examples=["DE"])
+    email: Text = Field(max_length=320, examples=["ada@example.com"], json_schema_extra={"format": "email"},
+                        description="checked by email-validator, stored in its normalized form")
+    name: Text = Field(max_length=200, examples=["Ada Lovelace"])
+    country: Text | None = Field(default=None, max_length=64, description="ISO 3166-1 alpha-2", examples=["DE"])
+    locale: str | None = Field(default=None, max_length=35, pattern=_LOCALE_PATTERN, examples=["de-DE"],
+                                description="BCP 47 language tag for the customer's texts: language, script, region")
 
 
 class CustomerOut(BaseModel):
@@ -68,7 +121,7 @@ class CustomerOut(BaseModel):
 
 @router.post("/customers", status_code=201, response_model=CustomerOut, responses=_errors(400, 422))
 def create_customer(body: CustomerIn) -> CustomerOut:
-    customer = enrolment.create_customer(body.email, body.name, body.country)
+    customer = enrolment.create_customer(body.email, body.name, body.country, locale=body.locale)
     metrics.CUSTOMERS_CREATED.inc()
     return CustomerOut(id=customer.id, email=customer.email, stripe_customer_id=customer.stripe_customer_id)
 
@@ -76,7 +129,7 @@ def create_customer(body: CustomerIn) -> CustomerOut:
 # --- cards -----------------------------------------------------------------------------------------
 
 class CardSetupIn(Request):
-    payment_method: str | None = Field(
+    payment_method: Text | None = Field(
         default=None, max_length=255, examples=["pm_card_visa"],
         description="confirm server-side with this PaymentMethod; omit to finish with Stripe.js")
 
@@ -111,7 +164,7 @@ def _pm_out(pm: PaymentMethod | None) -> PaymentMethodOut | None:
 
 @router.post("/customers/{customer_id}/card-setups", status_code=201, response_model=CardSetupCreated,
              response_model_exclude_none=True, responses=_errors(400, 402, 404, 409, 422, 503))
-def create_card_setup(customer_id: int, body: CardSetupIn | None = None,
+def create_card_setup(customer_id: PathId, body: CardSetupIn | None = None,
                       idempotency_key: Annotated[str | None, Header(max_length=255)] = None):
     """Create a SetupIntent (``usage=off_session``); with ``payment_method``, confirm it server-side.
 
@@ -141,7 +194,7 @@ def get_card_setup(setup_intent_id: str) -> CardSetupOut:
 
 
 class PaymentMethodImportIn(Request):
-    payment_method: str = Field(max_length=255, examples=["pm_1Q…"])
+    payment_method: Text = Field(max_length=255, examples=["pm_1Q…"])
     saved_at: datetime = Field(description="when the customer saved the card (no offset: UTC)")
 
 
@@ -153,7 +206,7 @@ class ImportedPaymentMethodOut(PaymentMethodOut):
 
 @router.post("/customers/{customer_id}/payment-methods/import", status_code=201,
              response_model=ImportedPaymentMethodOut, responses=_errors(400, 404, 409, 422, 503))
-def import_payment_method(customer_id: int, body: PaymentMethodImportIn) -> ImportedPaymentMethodOut:
+def import_payment_method(customer_id: PathId, body: PaymentMethodImportIn) -> ImportedPaymentMethodOut:
     """Enrol a card saved earlier (attached to the customer in Stripe); it becomes the default."""
     pm = enrolment.import_payment_method(customer_id, body.payment_method, body.saved_at)
     return ImportedPaymentMethodOut(**_pm_out(pm).model_dump(), previous_authorization=pm.previous_authorization)
@@ -168,7 +221,9 @@ class SubscriptionIn(Request):
     currency: str = Field(pattern=r"^[A-Za-z]{3}$", description="ISO 4217, stored lower-case", examples=["eur"])
     interval: Literal["day", "week", "month", "year"]
     interval_count: StrictInt = Field(default=1, ge=1)
-    start_at: datetime | None = Field(default=None, description="first period's start (default now; no offset: UTC)")
+    start_at: ZonedDateTime | None = Field(
+        default=None,
+        description="first period's start, with its zone (default now); from 1 hour before now to 366 days ahead")
 
 
 class SubscriptionCreated(BaseModel):
@@ -224,12 +279,12 @@ def create_subscription(body: SubscriptionIn) -> SubscriptionCreated:
 
 
 @router.get("/subscriptions/{subscription_id}", response_model=SubscriptionOut, responses=_errors(404))
-def get_subscription(subscription_id: int) -> SubscriptionOut:
+def get_subscription(subscription_id: PathId) -> SubscriptionOut:
     return _subscription_out(*enrolment.get_subscription(subscription_id))
 
 
 @router.post("/subscriptions/{subscription_id}/cancel", response_model=SubscriptionOut, responses=_errors(404))
-def cancel_subscription(subscription_id: int) -> SubscriptionOut:
+def cancel_subscription(subscription_id: PathId) -> SubscriptionOut:
     """Stop billing. Idempotent: canceling a canceled subscription answers the same 200."""
     sub = enrolment.cancel_subscription(subscription_id)
     metrics.SUBSCRIPTIONS_CANCELED.inc()

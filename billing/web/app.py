@@ -2,16 +2,20 @@
 
 Every 4xx/5xx the app itself produces has the body ``{"error": {"code", "message"}}`` (some add
 fields, e.g. ``setup_intent_id``): schema errors included (422 ``invalid_request``, with ``fields``),
-malformed JSON (400 ``malformed_json``), unknown routes (404) and wrong methods (405).
+malformed JSON (400 ``malformed_json``), unknown routes (404), wrong methods (405), bodies over their
+cap (413 ``payload_too_large``, :mod:`billing.web.limits`) and unexpected errors (500 ``internal_error``).
 
 Access logging is ours, not uvicorn's: one line per request with the route *template*, because the
-paths of customer pages carry tokens that must not reach a log.
+paths of customer pages carry tokens that must not reach a log. An unexpected error is logged as its
+type, route and code location only, never its message or traceback text, which may quote the request.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -23,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from billing import enrolment
 from billing.metrics import register_backlog_collector
 from billing.outcomes import TemporaryStripeError
-from billing.web import metrics
+from billing.web import metrics, security
+from billing.web.limits import BodyLimit
 
 log = logging.getLogger("billing.web")
 
@@ -78,6 +83,19 @@ async def _stripe_misconfigured(_request: Request, exc: Exception) -> JSONRespon
     return error_response(503, "stripe_misconfigured", "the payment provider refused this server's credentials")
 
 
+def _log_unhandled(request: Request, exc: Exception) -> None:
+    """An unexpected error as one line: its type, the route template and where it was raised.
+
+    Never its message, arguments or local variables, and no traceback text: those may hold what the
+    request carried (an email, a name). The code locations (file, line, function) are enough to find it.
+    """
+    route = getattr(request.scope.get("route"), "path", "unmatched")
+    frames = traceback.extract_tb(exc.__traceback__)[-5:]
+    where = [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames]
+    log.error("unhandled error in %s %s: %s", request.method, route, type(exc).__name__,
+              extra={"method": request.method, "route": route, "error": type(exc).__name__, "where": where})
+
+
 def _check_database() -> None:
     from sqlalchemy import text
 
@@ -94,11 +112,21 @@ def _check_redis() -> None:
     redis_client_for(resolve_broker_url(get_settings())).ping()
 
 
+def _add_docs(app: FastAPI) -> None:
+    from billing.settings import get_settings
+    from billing.web import docs
+
+    if get_settings().api_docs and (router := docs.router(app.title, app.openapi_url or "/openapi.json")):
+        app.include_router(router)
+
+
 def create_app() -> FastAPI:
     from billing.stripe_gateway import StripeConfigError
     from billing.web import api, pages, webhooks
 
+    # FastAPI's /docs and /redoc would load a CDN script into this origin: never (billing.web.docs).
     app = FastAPI(title="Billing", version="1", summary="Recurring off-session card billing on Stripe",
+                  docs_url=None, redoc_url=None,
                   responses={422: {"description": "Validation error", "model": api.ErrorBody}})
     app.include_router(api.router)
     app.include_router(webhooks.router)
@@ -113,6 +141,9 @@ def create_app() -> FastAPI:
     app.add_exception_handler(TemporaryStripeError, _stripe_unavailable)
     app.add_exception_handler(StripeConfigError, _stripe_misconfigured)
 
+    # Bodies capped while read (413); inside the access log, so its 413s are logged and counted too.
+    app.add_middleware(BodyLimit)
+
     @app.middleware("http")
     async def access_log(request: Request, call_next):
         started = time.perf_counter()
@@ -121,6 +152,11 @@ def create_app() -> FastAPI:
             response = await call_next(request)
             status = response.status_code
             return response
+        except Exception as exc:
+            # Handled here, not re-raised: the server would log the exception's message, and a
+            # message (a database error quoting its parameters, say) can carry the body's email or name.
+            _log_unhandled(request, exc)
+            return error_response(500, "internal_error", "something went wrong on our side; try again later")
         finally:
             route = getattr(request.scope.get("route"), "path", "unmatched")
             elapsed = time.perf_counter() - started
@@ -147,9 +183,24 @@ def create_app() -> FastAPI:
 
     register_backlog_collector()  # queue depth and outbox backlog, read at scrape time
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
-    def prometheus_metrics() -> Response:
-        """Prometheus text exposition."""
+    @app.get("/metrics", tags=["ops"], response_class=Response,
+             responses={401: {"model": api.ErrorBody, "description": "BILLING_METRICS_TOKEN is set; wrong or no token"},
+                        404: {"model": api.ErrorBody, "description": "no token set, and not a local scraper"}})
+    def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text exposition. With ``BILLING_METRICS_TOKEN``: ``Authorization: Bearer <token>``;
+        without: only to a scraper on this machine (:func:`billing.web.security.metrics_refusal`)."""
+        from billing.settings import get_settings
+
+        refused = security.metrics_refusal(request, get_settings().metrics_token)
+        if refused == 401:
+            return error_response(401, "unauthorized", "a valid metrics token is required",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        if refused is not None:
+            return error_response(404, "not_found", "Not Found")
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    _add_docs(app)
+    # Outermost: the headers land on every response, errors included.
+    app.add_middleware(security.SecurityHeaders)
 
     return app

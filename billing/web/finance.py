@@ -25,12 +25,13 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import finance, notifications, staff
+from billing import finance, notifications, staff, templating
 from billing import queue as queue_mod
 from billing.db import unit_of_work
-from billing.dunning import explain_decline
 from billing.settings import get_settings
-from billing.web import charts
+from billing.text import CONTROL_MESSAGE, MULTILINE_ALLOWED, has_control_characters
+from billing.web import charts, security
+from billing.web.client import client_address
 
 log = logging.getLogger("billing.web.finance")
 
@@ -40,11 +41,9 @@ LOGIN_CSRF_COOKIE = "finance_login_csrf"
 PREFIX = "/finance"
 PAGE_SIZE = 50
 
-templates = Jinja2Templates(directory=str(HERE / "templates" / "finance"))
-templates.env.filters["money"] = notifications.format_amount
-templates.env.filters["when"] = lambda v: v.strftime("%Y-%m-%d %H:%M") if v else "—"
-templates.env.globals["explain"] = explain_decline
-templates.env.globals["action_labels"] = finance.ACTION_LABELS
+# The product's one escaping environment (templates ``finance/…``), not Starlette's default, which
+# would leave ``*.html.j2`` unescaped.
+templates = Jinja2Templates(env=templating.env)
 
 
 class LoginRequired(Exception):
@@ -88,13 +87,21 @@ def _check_csrf(expected: str | None, given: str | None) -> None:
 
 
 def _page(request: Request, name: str, signed: staff.SignedIn | None, status: int = 200, **context: Any):
-    return templates.TemplateResponse(request, name, {"me": signed, "prefix": PREFIX, **context},
-                                      status_code=status)
+    values = {"me": signed, "prefix": PREFIX, "active": None, "action_labels": finance.ACTION_LABELS, **context}
+    return templates.TemplateResponse(request, f"finance/{name}", values, status_code=status)
+
+
+def _known_id(charge_id: int) -> None:
+    """An id beyond BIGINT (or below 1) is no charge's: 404, before PostgreSQL refuses to compare it."""
+    if not 0 < charge_id < 2**63:
+        raise finance.NotFound(f"charge {charge_id} not found")
 
 
 def _safe_next(value: str | None) -> str:
-    # Only a path inside the console: never an absolute URL somebody else chose.
-    if value and value.startswith(PREFIX + "/") and not value.startswith("//") and "\\" not in value:
+    """Where to go after signing in: only a path inside the console, never a URL somebody else chose
+    (``javascript:…``, ``//evil.example``, ``/\\evil.example``, or a control character a browser strips)."""
+    if (value and value.startswith(PREFIX + "/") and "\\" not in value and value.isprintable()
+            and not urlsplit(value).scheme and not urlsplit(value).netloc):
         return value
     return f"{PREFIX}/queue"
 
@@ -102,6 +109,8 @@ def _safe_next(value: str | None) -> str:
 def create_finance_app(jobs: finance.Jobs | None = None) -> FastAPI:
     jobs = jobs or CeleryJobs()
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    # Also set by the main app; here too so the console carries them wherever it is mounted.
+    app.add_middleware(security.SecurityHeaders)
 
     @app.exception_handler(LoginRequired)
     async def _to_login(request: Request, _exc: LoginRequired) -> Response:
@@ -148,7 +157,10 @@ def create_finance_app(jobs: finance.Jobs | None = None) -> FastAPI:
     def login(request: Request, email: str = Form(""), password: str = Form(""), csrf_token: str = Form(""),
               next: str = Form("")) -> Response:
         _check_csrf(staff.unsign(request.cookies.get(LOGIN_CSRF_COOKIE)), csrf_token)
-        ip = request.client.host if request.client else "unknown"
+        if has_control_characters(email):
+            # No account has one (NUL would not even reach the database): refused before any lookup.
+            return _login_page(request, 400, f"The email address {CONTROL_MESSAGE}.", "", next)
+        ip = client_address(request)
         try:
             _who, token = staff.authenticate(email, password, ip)
         except staff.TooManyAttempts as exc:
@@ -222,6 +234,7 @@ def create_finance_app(jobs: finance.Jobs | None = None) -> FastAPI:
 
     def _charge_page(request: Request, signed: staff.SignedIn, charge_id: int, status: int = 200,
                      notice: str | None = None, error: str | None = None, reason: str = "") -> Response:
+        _known_id(charge_id)
         with unit_of_work() as uow:
             detail = finance.charge_detail(uow.session, charge_id)
         return _page(request, "charge.html.j2", signed, status, d=detail, notice=notice, error=error, reason=reason)
@@ -238,7 +251,8 @@ def create_finance_app(jobs: finance.Jobs | None = None) -> FastAPI:
         signed = _signed_in(request)
         with unit_of_work() as uow:
             data = finance.overview(uow.session)
-        return _page(request, "overview.html.j2", signed, o=data,
+            dead_emails = notifications.dead_count(uow.session)
+        return _page(request, "overview.html.j2", signed, o=data, dead_emails=dead_emails,
                      weekly_chart=charts.recovery_rate(data.weekly),
                      decline_chart=charts.outcome_bars(data.by_decline, label="Outcomes by decline code"),
                      country_chart=charts.outcome_bars(data.by_country, label="Outcomes by card country"))
@@ -252,6 +266,10 @@ def create_finance_app(jobs: finance.Jobs | None = None) -> FastAPI:
         _check_csrf(signed.csrf_token, csrf_token)
         if not signed.staff.can_act:
             raise Forbidden("Your account can read the console but not act on charges (viewer role).")
+        _known_id(charge_id)
+        if has_control_characters(reason, allow=MULTILINE_ALLOWED):
+            return await run_in_threadpool(_charge_page, request, signed, charge_id, 422, None,
+                                           f"Not done: the reason {CONTROL_MESSAGE}.", "")
         try:
             await run_in_threadpool(finance.perform, action, charge_id, actor=signed.staff.email,
                                               reason=reason, jobs=jobs)

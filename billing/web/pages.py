@@ -6,12 +6,17 @@ finished; the server then reads the intent from Stripe itself (:mod:`billing.cus
 Links go by email and are bearer tokens, so the pages:
 
 * answer a bad link with an HTML page and a 4xx, changing nothing: unknown or meant for the other
-  page → 404, expired or used up → 410; a settled charge → 410 (the ``…/complete`` routes answer the
-  same statuses with the JSON error body ``{"error": {"code", "message"}}``);
+  page → 404, expired or used up → 410; a settled charge → 410; a charge held for staff, or one Stripe
+  refuses to take (:class:`~billing.customer_pages.CannotPayOnline`) → 409 "can't be completed online"
+  (the ``…/complete`` routes answer the same statuses with the JSON error body
+  ``{"error": {"code", "message"}}``);
 * put the PaymentIntent's or SetupIntent's ``client_secret`` in the HTML body only (a JSON block read
   by the page's script), never in a URL or a log line (the access log names the route template);
 * send ``Referrer-Policy: no-referrer`` (Stripe.js and the 3-D Secure frame must not receive the page
-  URL, which carries the token), ``Cache-Control: no-store`` and ``X-Frame-Options: DENY``.
+  URL, which carries the token), ``Cache-Control: no-store``, no framing, and a Content-Security-Policy
+  that runs only our own scripts and Stripe.js (:mod:`billing.web.security`, for every response);
+* render through the product's one escaping Jinja environment (:mod:`billing.templating`); their
+  script and style are files (``/static/…``), never inline.
 
 Stripe.js is loaded from ``BILLING_STRIPE_JS_URL`` with ``BILLING_STRIPE_PUBLISHABLE_KEY``: Stripe's own
 (https://js.stripe.com/v3/), the sandbox's stand-in (``{sandbox}/js/v3/stripe.js``) or localstripe's
@@ -21,15 +26,16 @@ Stripe.js is loaded from ``BILLING_STRIPE_JS_URL`` with ``BILLING_STRIPE_PUBLISH
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import HTMLResponse, JSONResponse
-from jinja2 import Environment, PackageLoader, select_autoescape
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from billing import customer_pages
+from billing import customer_pages, templating
 from billing.outcomes import TemporaryStripeError
 from billing.recovery import TokenError, TokenProblem
 from billing.settings import get_settings
@@ -39,11 +45,9 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["customer pages"])
 
-_env = Environment(loader=PackageLoader("billing", "templates/pages"), autoescape=select_autoescape(
-    enabled_extensions=("html.j2",), default_for_string=True))
-
-SECURITY_HEADERS = {"Referrer-Policy": "no-referrer", "Cache-Control": "no-store", "X-Frame-Options": "DENY",
-                    "X-Content-Type-Options": "nosniff"}
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+# The pages' own script and style, served by name (nothing else under /static/).
+STATIC_FILES = {"pages.css": "text/css", "setup.js": "text/javascript", "recover.js": "text/javascript"}
 
 # Why a link cannot be used → (status, error code, heading, message). Unknown and "meant for the
 # other page" read the same: a link is either for this page or it is not one.
@@ -111,8 +115,7 @@ _JSON_ERRORS: dict[int | str, dict[str, Any]] = {
 
 def _html(template: str, status: int = 200, **values: Any) -> HTMLResponse:
     values.setdefault("merchant_name", get_settings().merchant_name)
-    return HTMLResponse(_env.get_template(template).render(**values), status_code=status,
-                        headers=SECURITY_HEADERS)
+    return HTMLResponse(templating.render(f"pages/{template}", values), status_code=status)
 
 
 def _error_page(status: int, heading: str, message: str) -> HTMLResponse:
@@ -120,8 +123,7 @@ def _error_page(status: int, heading: str, message: str) -> HTMLResponse:
 
 
 def _json_error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status,
-                        headers=SECURITY_HEADERS)
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
 def _token_page(exc: TokenError) -> HTMLResponse:
@@ -138,6 +140,14 @@ _NOTHING = ("Nothing to pay", "This payment is no longer due. There is nothing t
 _UNAVAILABLE = ("Please try again in a moment", "We could not reach our payment provider. Nothing has been "
                 "charged; please reload this page in a minute.")
 _NOT_CONFIGURED = ("Card payments are unavailable", "Card payments are not set up on this site yet.")
+# A charge held for staff (needs_review) or one Stripe refuses to take: 409, the charge's state is the conflict.
+_CANNOT_PAY = ("This payment can't be completed online", "Nothing has been charged. There is nothing you need to "
+               "do: we will contact you about this payment.")
+_RECOVER_HTML_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_HTML_ERRORS, 409: {"description": "the payment can't be completed online; the merchant will contact the "
+                               "customer (HTML page)", "content": {"text/html": {}}}}
+_RECOVER_JSON_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_JSON_ERRORS, 409: {"model": ErrorBody, "description": "the payment can't be completed online"}}
 
 
 def _stripe_js() -> tuple[str, str] | None:
@@ -150,6 +160,15 @@ def _stripe_js() -> tuple[str, str] | None:
 
 def _card(view: customer_pages.CardView | None) -> CardOut | None:
     return CardOut(**view.__dict__) if view is not None else None
+
+
+@router.get("/static/{name}", include_in_schema=False)
+def static_file(name: str) -> FileResponse:
+    """The customer pages' script and stylesheet (the CSP allows no inline ones)."""
+    media_type = STATIC_FILES.get(name)
+    if media_type is None:
+        raise StarletteHTTPException(404, "no such file")
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "max-age=300"})
 
 
 # --- /setup ----------------------------------------------------------------------------------------
@@ -185,7 +204,7 @@ async def setup_complete(token: str, body: CompleteIn | None = None) -> SetupCom
 
 # --- /recover --------------------------------------------------------------------------------------
 
-@router.get("/recover/{token}", response_class=HTMLResponse, responses=_HTML_ERRORS,
+@router.get("/recover/{token}", response_class=HTMLResponse, responses=_RECOVER_HTML_ERRORS,
             summary="Recovery page: authenticate the failed payment, or pay it with a new card")
 async def recover_page(token: str) -> HTMLResponse:
     js = _stripe_js()
@@ -197,6 +216,8 @@ async def recover_page(token: str) -> HTMLResponse:
         return _token_page(exc)
     except customer_pages.NothingToPay:
         return _error_page(410, *_NOTHING)
+    except customer_pages.CannotPayOnline:
+        return _error_page(409, *_CANNOT_PAY)
     except TemporaryStripeError:
         return _error_page(503, *_UNAVAILABLE)
     data = {"publishable_key": js[0], "client_secret": page.client_secret,
@@ -204,13 +225,15 @@ async def recover_page(token: str) -> HTMLResponse:
     return _html("recover.html.j2", page=page, data=data, stripe_js_url=js[1])
 
 
-@router.post("/recover/{token}/complete", response_model=RecoveryCompleteOut, responses=_JSON_ERRORS,
+@router.post("/recover/{token}/complete", response_model=RecoveryCompleteOut, responses=_RECOVER_JSON_ERRORS,
              summary="The recovery page's return: apply the PaymentIntent as Stripe reports it")
 async def recover_complete(token: str, body: CompleteIn | None = None) -> RecoveryCompleteOut | JSONResponse:
     try:
         out = await run_in_threadpool(customer_pages.complete_recovery, token)
     except TokenError as exc:
         return _token_json(exc)
+    except customer_pages.CannotPayOnline:
+        return _json_error(409, "cannot_pay_online", f"{_CANNOT_PAY[0]}. {_CANNOT_PAY[1]}")
     except TemporaryStripeError:
         return _json_error(503, "stripe_unavailable", "the payment provider could not be reached; try again")
     return RecoveryCompleteOut(paid=out.paid, charge_status=out.charge_status, intent_status=out.intent_status,

@@ -8,8 +8,9 @@ delivery is acknowledged (``"duplicate": true``) and not processed again.
 
 Answers: 200 ``{"received": true, "duplicate": bool}``; 400 ``{"error": {"code", "message"}}`` for a
 missing or malformed signature header, a signature that does not match, a timestamp outside the
-tolerance, a body that is not a JSON event; 413 for a body over 1 MiB; 503 when no signing secret is
-configured, or the database or queue is unavailable (Stripe delivers again later).
+tolerance, a body that is not a JSON event; 413 for a body over 1 MiB (counted while it is read by
+:mod:`billing.web.limits`, which stops reading there); 503 when no signing secret is configured, or the
+database or queue is unavailable (Stripe delivers again later).
 
 Logs name the event id, type and the refusal code, never the body or the signature header: a
 SetupIntent's ``client_secret`` rides in the payload.
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["webhooks"])
 
-MAX_BODY_BYTES = 1024 * 1024
-
 Enqueue = Callable[[int], None]
 
 
@@ -57,18 +56,14 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 @router.post("/webhooks/stripe", summary="Stripe webhook endpoint",
              responses={400: {"description": "refused: bad signature, stale or malformed"},
+                        413: {"description": "the body is larger than 1 MiB"},
                         503: {"description": "not configured, or temporarily unable to store"}})
 async def receive_stripe_webhook(request: Request, enqueue: Enqueue = Depends(get_webhook_enqueue),
                                  secret: str | None = Depends(get_webhook_secret)) -> JSONResponse:
     if not secret:
         log.error("BILLING_STRIPE_WEBHOOK_SECRET is not set: webhook deliveries are refused until it is")
         return _error(503, "webhook_secret_not_configured", "this endpoint has no signing secret configured")
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        return _error(413, "payload_too_large", "the body is larger than 1 MiB")
-    body = await request.body()
-    if len(body) > MAX_BODY_BYTES:
-        return _error(413, "payload_too_large", "the body is larger than 1 MiB")
+    body = await request.body()  # at most WEBHOOK_BODY_LIMIT: billing.web.limits answers 413 beyond it
     try:
         event = webhooks.verify(body, request.headers.get(webhooks.SIGNATURE_HEADER), secret)
     except webhooks.WebhookError as exc:

@@ -98,7 +98,10 @@ class WebServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def api(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, trust_env=False)
+        """A client of the JSON API, with a write key of its own."""
+        from tests.integration.billing_helpers import api_key_headers
+
+        return httpx.Client(base_url=self.url, timeout=30, trust_env=False, headers=api_key_headers())
 
 
 def start_web(env: dict[str, str], port: int, log_dir: Path) -> WebServer:

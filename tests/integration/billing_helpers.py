@@ -1,9 +1,10 @@
 """Helpers for tests that charge through the sandbox: enrol customers with real saved cards, enqueue
-charges to the real worker, read back statuses."""
+charges to the real worker, read back statuses; and API keys for the tests that call ``/api/``."""
 
 from __future__ import annotations
 
 import random
+import uuid
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
@@ -57,3 +58,12 @@ def enqueue(charge_id: int) -> None:
 def charge_statuses(session_factory) -> dict[int, str]:
     with session_factory() as s:
         return dict(s.execute(select(Charge.id, Charge.status)).all())
+
+
+def api_key_headers(scope: str = "write") -> dict[str, str]:
+    """``Authorization`` for the JSON API, with a fresh key made in the test database (as ``billing
+    api-key create`` would), for in-process clients and ``billing web`` subprocesses alike."""
+    from billing import apikeys
+
+    created = apikeys.create(f"test-{scope}-{uuid.uuid4().hex[:12]}", scope)
+    return {"Authorization": f"Bearer {created.key}"}

@@ -24,6 +24,7 @@ from billing import charging, logs
 from billing.models import Charge, Notification, WebhookEvent
 from billing.stripe_gateway import get_gateway
 from tests import stripe_events
+from tests.integration.billing_helpers import api_key_headers
 from tests.integration.conftest import ROOT, WorkerProcess, billing_command, free_port, wait_until
 
 SETTLED = {"paid", "authentication_required", "requires_payment_method", "uncollectible", "void"}
@@ -138,7 +139,9 @@ def run_cycle(env: dict[str, str], tmp_path: Path, sandbox, smtp_server, session
         cycle.keep("API key", env["BILLING_STRIPE_API_KEY"])
         cycle.keep("webhook secret", stripe_events.SECRET)
         stack.enter_context(own_json_log(cycle.own_log))
-        client = stack.enter_context(httpx.Client(base_url=web_url, timeout=30))
+        headers = api_key_headers()
+        cycle.keep("API key", headers["Authorization"].removeprefix("Bearer "))  # ours, next to Stripe's
+        client = stack.enter_context(httpx.Client(base_url=web_url, timeout=30, headers=headers))
 
         _enrol(client, cycle, "paying@example.com", "pm_card_visa")
         _enrol(client, cycle, "failing@example.com", "pm_card_chargeCustomerFail")

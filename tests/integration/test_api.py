@@ -7,7 +7,7 @@ Every route's happy path, then the ways a request can be wrong: each answers a 4
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, time, timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -18,12 +18,16 @@ from billing.models import AuditEntry, CardSetup, Charge, ChargeStatus, Customer
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
+# A day inside the window a subscription may start in (enrolment.START_AT_HORIZON).
+SOON = datetime.now(UTC) + timedelta(days=30)
+
 
 @pytest.fixture
 def client(app_env):
     from billing.web.app import create_app
+    from tests.integration.billing_helpers import api_key_headers
 
-    with TestClient(create_app(), raise_server_exceptions=False) as c:
+    with TestClient(create_app(), raise_server_exceptions=False, headers=api_key_headers()) as c:
         yield c
 
 
@@ -62,7 +66,9 @@ def test_create_customer(client, sandbox):
     assert set(body) == {"id", "email", "stripe_customer_id"}
     assert body["email"] == "ada@example.com" and body["stripe_customer_id"].startswith("cus_")
     stripe_customer = sandbox.app.sandbox.state.customers[body["stripe_customer_id"]]
-    assert stripe_customer["metadata"] == {"customer_id": str(body["id"])}
+    from billing.installation import installation_id
+
+    assert stripe_customer["metadata"] == {"customer_id": str(body["id"]), "installation": installation_id()}
     with unit_of_work() as uow:
         assert uow.session.get(Customer, body["id"]).country == "DE"
 
@@ -279,10 +285,10 @@ def test_import_payment_method_errors(client):
 def test_create_and_get_subscription(client):
     customer = new_customer(client)
     body = new_subscription(client, customer["id"], currency="EUR", interval="week", interval_count=2,
-                            start_at="2030-01-31T09:00:00+01:00")
+                            start_at=f"{SOON.date()}T09:00:00+01:00")
     assert set(body) == {"id", "status", "next_charge_at"}
     assert body["status"] == "active"
-    assert datetime.fromisoformat(body["next_charge_at"]) == datetime(2030, 1, 31, 8, tzinfo=UTC)
+    assert datetime.fromisoformat(body["next_charge_at"]) == datetime.combine(SOON.date(), time(8), UTC)
     with unit_of_work() as uow:
         sub = uow.session.get(Subscription, body["id"])
         assert (sub.currency, sub.interval, sub.interval_count, sub.amount) == ("eur", "week", 2, 1999)
@@ -291,13 +297,14 @@ def test_create_and_get_subscription(client):
     assert got == {**body, "charges": []}
 
 
-def test_start_at_defaults_to_now_and_naive_is_utc(client):
+def test_start_at_defaults_to_now_and_needs_a_zone(client):
     customer = new_customer(client)
     before = datetime.now(UTC)
     body = new_subscription(client, customer["id"])
     assert before <= datetime.fromisoformat(body["next_charge_at"]) <= datetime.now(UTC)
-    naive = new_subscription(client, customer["id"], start_at="2030-05-01T12:00:00")
-    assert datetime.fromisoformat(naive["next_charge_at"]) == datetime(2030, 5, 1, 12, tzinfo=UTC)
+    naive = client.post("/api/subscriptions", json={"customer_id": customer["id"], "amount": 1999, "currency": "eur",
+                                                    "interval": "month", "start_at": f"{SOON.date()}T12:00:00"})
+    assert assert_error(naive, 422, "invalid_request")["fields"][0]["field"] == "start_at"
 
 
 @pytest.mark.parametrize(("change", "code"), [
@@ -305,7 +312,8 @@ def test_start_at_defaults_to_now_and_naive_is_utc(client):
     ({"amount": 0}, "invalid_request"),
     ({"amount": 19.99}, "invalid_request"),
     ({"amount": "1999"}, "invalid_request"),
-    ({"amount": 100_000_000}, "invalid_request"),
+    ({"amount": 100_000_000}, "invalid_input"),  # over EUR's maximum (billing.money)
+    ({"amount": 1_000_000_000}, "invalid_request"),  # over any currency's
     ({"currency": "eu"}, "invalid_request"),
     ({"currency": "e1r"}, "invalid_request"),
     ({"currency": None}, "invalid_request"),
@@ -338,7 +346,7 @@ def test_create_subscription_unknown_customer(client):
 
 def test_subscription_charges_shape(client):
     customer = new_customer(client)
-    sub = new_subscription(client, customer["id"], start_at="2025-01-01T00:00:00Z")
+    sub = new_subscription(client, customer["id"])
     with unit_of_work() as uow:
         uow.session.add(Charge(
             subscription_id=sub["id"], period_index=0, amount=1999, currency="eur",
@@ -387,10 +395,16 @@ def test_healthz(client):
     assert resp.json() == {"status": "ok", "checks": {"database": "ok", "redis": "ok"}}
 
 
-def test_metrics(client):
+def test_metrics(client, monkeypatch):
+    from billing.settings import get_settings
+
     new_customer(client)
     client.get("/api/subscriptions/999")
-    text = client.get("/metrics").text
+    monkeypatch.setenv("BILLING_METRICS_TOKEN", "metrics-token-for-tests")  # /metrics is not public
+    get_settings.cache_clear()
+    text = client.get("/metrics", headers={"Authorization": "Bearer metrics-token-for-tests"}).text
+    monkeypatch.delenv("BILLING_METRICS_TOKEN")
+    get_settings.cache_clear()
     assert "billing_customers_created_total" in text
     assert 'billing_http_requests_total{method="GET",route="/api/subscriptions/{subscription_id}",status="404"}' in text
 

@@ -9,7 +9,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from billing import charging, reconciler
 from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Notification, PaymentMethod, Subscription
@@ -37,13 +37,24 @@ def one_charge(session_factory) -> Charge:
         return s.scalars(select(Charge)).one()
 
 
+def _settle(session_factory, charge_ids: list[int]) -> None:
+    with session_factory() as s:
+        s.execute(update(Charge).where(Charge.id.in_(charge_ids)).values(status=ChargeStatus.paid.value))
+        s.commit()
+
+
 def test_run_opens_each_due_period_once_and_enqueues_after_commit(sub_id, session_factory):
     enqueued = []
     report = charging.run_due(now=NOW, enqueue=enqueued.append)
     assert report.created == enqueued and len(enqueued) == 1
+    # One open period at a time: February is due too, but January is not decided yet.
+    assert charging.run_due(now=NOW, enqueue=enqueued.append).created == []
+    _settle(session_factory, report.created)
     report2 = charging.run_due(now=NOW, enqueue=enqueued.append)  # next period is Feb 28, also due
+    _settle(session_factory, report2.created)
     report3 = charging.run_due(now=NOW, enqueue=enqueued.append)  # Mar 31: due at 00:00, NOW is noon
     assert len(report2.created) == 1 and len(report3.created) == 1
+    _settle(session_factory, report3.created)
     assert charging.run_due(now=NOW, enqueue=enqueued.append).created == []  # Apr 30 is not due
     with session_factory() as s:
         starts = s.scalars(select(Charge.period_start).order_by(Charge.period_index)).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -117,24 +117,28 @@ def test_run_due_wait_charges_through_a_real_worker(app_env, clean_db, worker):
     from billing import enrolment
 
     customers = [enrolment.create_customer(f"c{n}@example.com", f"Customer {n}") for n in range(3)]
+    # A start in the past is refused beyond enrolment.START_AT_GRACE: these start a minute ago.
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    due = (start + timedelta(minutes=1, seconds=1)).isoformat()
     for customer, card in zip(customers, ["pm_card_visa", "pm_card_mastercard", "pm_card_chargeCustomerFail"],
                               strict=True):
         assert enrolment.create_card_setup(customer.id, card).setup.status == "succeeded"
-        enrolment.create_subscription(customer.id, 1500, "eur", "month", start_at=datetime(2025, 3, 1, tzinfo=UTC))
+        enrolment.create_subscription(customer.id, 1500, "eur", "month", start_at=start)
 
-    result = run_billing("run-due", "--wait", "--now", "2025-03-01T00:00:01Z", env=app_env, timeout=120)
+    result = run_billing("run-due", "--wait", "--now", due, env=app_env, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "started 3 charge(s)" in result.stdout
     assert "summary: paid 2, requires_payment_method 1" in result.stdout
     assert "3/3 decided" in result.stderr
 
-    again = run_billing("run-due", "--wait", "--now", "2025-03-01T00:00:01Z", env=app_env)
+    again = run_billing("run-due", "--wait", "--now", due, env=app_env)
     assert again.returncode == 0 and "started 0 charge(s)" in again.stdout
 
 
 def test_web_serves_health_over_http(app_env, tmp_path):
     import httpx
 
+    from tests.integration.billing_helpers import api_key_headers
     from tests.integration.conftest import free_port, wait_until
 
     port = free_port()
@@ -151,7 +155,7 @@ def test_web_serves_health_over_http(app_env, tmp_path):
                 return False
 
         wait_until(healthy, timeout=60, message="billing web to answer")
-        resp = httpx.get(f"http://127.0.0.1:{port}/api/subscriptions/12345")
+        resp = httpx.get(f"http://127.0.0.1:{port}/api/subscriptions/12345", headers=api_key_headers())
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
     finally:
         proc.terminate()

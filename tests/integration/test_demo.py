@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 
@@ -41,6 +42,11 @@ def test_demo_runs_end_to_end_with_nothing_configured_and_stops_on_ctrl_c(tmp_pa
         # The web app stays up with the finance console.
         console = out.split("Finance console", 1)[1].split()[0]
         assert httpx.get(console.replace("/finance/", "/healthz"), timeout=10).status_code == 200
+        # The printed key and curl line work; without the key the API refuses.
+        key = re.search(r"^ +API key +(bk_\S+)", out, re.MULTILINE).group(1)
+        example = re.search(rf"curl -H 'Authorization: Bearer {re.escape(key)}' (\S+)$", out, re.MULTILINE).group(1)
+        assert httpx.get(example, headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200
+        assert httpx.get(example, timeout=10).status_code == 401
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(60) == 0
     finally:

@@ -1,8 +1,10 @@
 """After a billing cycle, ``GET /metrics`` on the web app and on a worker's ``--metrics-port`` carry
-values for what happened in each process (see :mod:`billing.metrics`)."""
+values for what happened in each process (see :mod:`billing.metrics`). The web app runs with
+``BILLING_METRICS_TOKEN``, as a deployment reachable from a network would: the scrape sends it."""
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -16,14 +18,18 @@ from tests.integration.cycle import run_cycle
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
+METRICS_TOKEN = "metrics-" + secrets.token_urlsafe(24)
+
 
 @pytest.fixture
 def cycle(app_env, sandbox, smtp_server, redis_client, session_factory, tmp_path):
-    yield from run_cycle(app_env, tmp_path, sandbox, smtp_server, session_factory)
+    yield from run_cycle({**app_env, "BILLING_METRICS_TOKEN": METRICS_TOKEN}, tmp_path, sandbox, smtp_server,
+                         session_factory)
 
 
-def scrape(url: str) -> dict[tuple[str, frozenset], float]:
-    body = httpx.get(url, timeout=10).raise_for_status().text
+def scrape(url: str, token: str | None = None) -> dict[tuple[str, frozenset], float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = httpx.get(url, headers=headers, timeout=10).raise_for_status().text
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(body) for s in family.samples}
 
@@ -39,7 +45,8 @@ def test_web_and_worker_metrics_after_a_cycle(cycle, session_factory):
     # A declined charge past the dunning horizon: the reconciler, in the worker, gives it up.
     with session_factory() as s:
         s.execute(update(Charge).where(Charge.status == "requires_payment_method")
-                  .values(first_failed_at=datetime.now(UTC) - timedelta(days=365)))
+                  .values(first_failed_at=datetime.now(UTC) - timedelta(days=365),
+                          give_up_at=datetime.now(UTC) - timedelta(days=351)))
         s.commit()
     reconcile.delay()
 
@@ -77,7 +84,8 @@ def test_web_and_worker_metrics_after_a_cycle(cycle, session_factory):
     # With the worker gone, a task waits in the queue: the web app's scrape-time gauge sees it.
     cycle.worker.stop()
     relay_outbox.delay()
-    web = scrape(f"{cycle.web_url}/metrics")
+    assert httpx.get(f"{cycle.web_url}/metrics", timeout=10).status_code == 401  # no token, even from here
+    web = scrape(f"{cycle.web_url}/metrics", METRICS_TOKEN)
     assert value(web, "billing_queue_depth", queue="billing") >= 1
     assert value(web, "billing_outbox_due") == due
     assert value(web, "billing_backlog_source_up") == 2

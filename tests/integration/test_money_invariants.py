@@ -480,8 +480,11 @@ def test_staff_retry_racing_the_scheduled_retry_charges_once(app_env, sandbox, s
         assert s.scalar(select(func.count()).select_from(Attempt).where(Attempt.phase == AttemptPhase.started)) == 0
         assert s.get(Subscription, sub_id).status == "active"
     assert failure_rows(session_factory, charge_id) == [f"charge-{charge_id}:attempt-1:payment_failed"]
-    assert notifications.relay_due().sent == 1
-    assert len(smtp_server.wait_for(1)) == 1
+    # The failure was recorded once; by the time the relay runs the charge is paid, so the email
+    # that would ask the customer to pay is dropped, not sent.
+    relayed = notifications.relay_due()
+    assert (relayed.sent, relayed.dropped) == (0, 1)
+    assert smtp_server.messages == []
 
 
 @pytest.mark.parametrize("first", ["customer", "retry"])
@@ -653,14 +656,15 @@ def test_zero_decimal_amount_through_the_api_is_charged_as_is(app_env, sandbox, 
     from fastapi.testclient import TestClient
 
     from billing.web.app import create_app
+    from tests.integration.billing_helpers import api_key_headers
 
-    with TestClient(create_app()) as api:
+    with TestClient(create_app(), headers=api_key_headers()) as api:
         cus = api.post("/api/customers", json={"email": "yen@example.com", "name": "Yen", "country": "JP"})
         assert cus.status_code == 201, cus.text
         cid = cus.json()["id"]
         setup = api.post(f"/api/customers/{cid}/card-setups", json={"payment_method": "pm_card_jp"})
         assert setup.status_code == 201 and setup.json()["status"] == "succeeded", setup.text
-        start = (datetime.now(UTC) - timedelta(minutes=1)).replace(tzinfo=None).isoformat()
+        start = (datetime.now(UTC) - timedelta(minutes=1)).isoformat()
         sub = api.post("/api/subscriptions", json={"customer_id": cid, "amount": 1500, "currency": "JPY",
                                                    "interval": "month", "start_at": start})
         assert sub.status_code == 201, sub.text

@@ -32,6 +32,7 @@ from billing.models import (
     Customer,
     Notification,
     PaymentMethod,
+    Subscription,
     WebhookEvent,
 )
 from billing.outcomes import CardDetails, OutcomeKind, PaymentOutcome
@@ -201,10 +202,33 @@ def test_failure_uses_the_latest_attempt_number_and_is_processed_once(hook):
 
 def test_metadata_finds_a_charge_whose_payment_intent_id_never_reached_us(hook):
     cid = make_charge(pi_id=None)
+    # Our charge id in metadata proves nothing (another installation on the account numbers its charges
+    # alike): not applied, recorded as foreign.
+    claim = event("payment_intent.succeeded", payment_intent(new_pi(), "succeeded", charge_id=cid))
+    hook.post(claim)
+    assert stored(claim).outcome == "foreign"
+    assert charge(cid).status == ChargeStatus.processing and charge(cid).payment_intent_id is None
+    # The attempt's own PaymentIntent: our installation, customer, amount, currency and attempt key.
     pi = new_pi()
-    hook.post(event("payment_intent.succeeded", payment_intent(pi, "succeeded", charge_id=cid)))
+    hook.post(event("payment_intent.succeeded", ours(payment_intent(pi, "succeeded", charge_id=cid), cid)))
     assert charge(cid).status == ChargeStatus.paid
     assert charge(cid).payment_intent_id == pi
+
+
+def ours(pi: dict, charge_id: int) -> dict:
+    """``pi`` as this installation's attempt at ``charge_id`` made it (what billing.ownership checks)."""
+    from billing.installation import installation_id
+
+    with unit_of_work() as uow:
+        s = uow.session
+        attempt = s.scalars(select(Attempt).where(Attempt.charge_id == charge_id)
+                            .order_by(Attempt.number.desc())).first()
+        customer = s.scalar(select(Customer.stripe_customer_id).join(Subscription).join(Charge)
+                            .where(Charge.id == charge_id))
+        pi["customer"] = customer
+        pi["metadata"].update(installation=installation_id(), attempt_id=str(attempt.id),
+                              attempt_key=attempt.idempotency_key)
+    return pi
 
 
 def test_payment_intent_that_is_not_ours_is_stored_and_left(hook):

@@ -96,58 +96,57 @@ def test_explanations_do_not_reveal_fraud_signals():
 # ----------------------------------------------------------------------------------------- outcomes
 
 def test_succeeded():
-    d = decide(PaymentOutcome(OutcomeKind.succeeded), attempt_number=1, first_failed_at=None, now=T0, config=CFG)
-    assert (d.charge_status, d.subscription_status) == (ChargeStatus.paid, SubscriptionStatus.active)
+    d = decide(PaymentOutcome(OutcomeKind.succeeded), failures=1, first_failed_at=None, now=T0, config=CFG)
+    assert d.charge_status is ChargeStatus.paid
     assert d.notify is None and d.next_retry_at is None and d.reminders == () and not d.give_up and not d.alert
 
 
 def test_succeeded_after_failures_reactivates_and_optionally_thanks():
-    d = decide(PaymentOutcome(OutcomeKind.succeeded), attempt_number=3, first_failed_at=T0, now=T0 + 3 * DAY,
+    d = decide(PaymentOutcome(OutcomeKind.succeeded), failures=3, first_failed_at=T0, now=T0 + 3 * DAY,
                config=CFG)
-    assert d.subscription_status is SubscriptionStatus.active and d.notify is None
-    d = decide(PaymentOutcome(OutcomeKind.succeeded), attempt_number=3, first_failed_at=T0, now=T0 + 3 * DAY,
+    assert d.notify is None
+    d = decide(PaymentOutcome(OutcomeKind.succeeded), failures=3, first_failed_at=T0, now=T0 + 3 * DAY,
                config=replace(CFG, notify_recovered=True))
     assert d.notify is NotificationKind.payment_succeeded
 
 
 def test_processing_keeps_the_subscription_as_it_was():
-    d = decide(PaymentOutcome(OutcomeKind.processing), attempt_number=1, first_failed_at=None, now=T0, config=CFG)
-    assert (d.charge_status, d.subscription_status) == (ChargeStatus.processing, SubscriptionStatus.active)
+    d = decide(PaymentOutcome(OutcomeKind.processing), failures=1, first_failed_at=None, now=T0, config=CFG)
+    assert d.charge_status is ChargeStatus.processing
     assert d.notify is None and d.next_retry_at is None
-    d = decide(PaymentOutcome(OutcomeKind.processing), attempt_number=2, first_failed_at=T0, now=T0 + DAY,
+    d = decide(PaymentOutcome(OutcomeKind.processing), failures=2, first_failed_at=T0, now=T0 + DAY,
                config=CFG)
-    assert d.subscription_status is SubscriptionStatus.past_due and d.notify is None
+    assert d.notify is None
 
 
 def test_authentication_required_waits_for_the_customer():
     out = PaymentOutcome(OutcomeKind.authentication_required, error_code="authentication_required")
-    d = decide(out, attempt_number=1, first_failed_at=None, now=T0, config=CFG)
+    d = decide(out, failures=1, first_failed_at=None, now=T0, config=CFG)
     assert d.charge_status is ChargeStatus.authentication_required
-    assert d.subscription_status is SubscriptionStatus.past_due
     assert d.notify is NotificationKind.authentication_required
-    # No blind off-session retry: the only "retry" is the give-up check at the horizon.
-    assert d.next_retry_at == T0 + timedelta(days=14) == give_up_at(T0, CFG)
+    # No blind off-session retry: no retry time at all, only the give-up time at the horizon.
+    assert d.next_retry_at is None
+    assert d.give_up_at == T0 + timedelta(days=14) == give_up_at(T0, CFG)
     assert d.reminders == (T0 + DAY, T0 + 3 * DAY, T0 + 7 * DAY)
     assert d.first_failed_at == T0 and not d.give_up and not d.alert
 
 
 def test_declined_with_authentication_required_code_is_treated_as_authentication():
-    d = decide(declined("authentication_required"), attempt_number=1, first_failed_at=None, now=T0, config=CFG)
+    d = decide(declined("authentication_required"), failures=1, first_failed_at=None, now=T0, config=CFG)
     assert d.charge_status is ChargeStatus.authentication_required
     assert d.notify is NotificationKind.authentication_required
 
 
 def test_authentication_required_late_keeps_reminders_inside_the_horizon():
     out = PaymentOutcome(OutcomeKind.authentication_required)
-    d = decide(out, attempt_number=4, first_failed_at=T0, now=T0 + 10 * DAY, config=CFG)
+    d = decide(out, failures=4, first_failed_at=T0, now=T0 + 10 * DAY, config=CFG)
     assert d.reminders == (T0 + 11 * DAY, T0 + 13 * DAY)
-    assert d.next_retry_at == T0 + 14 * DAY and d.first_failed_at == T0
+    assert d.next_retry_at is None and d.give_up_at == T0 + 14 * DAY and d.first_failed_at == T0
 
 
 def test_first_soft_decline_emails_and_schedules_a_retry():
-    d = decide(declined("generic_decline"), attempt_number=1, first_failed_at=None, now=T0, config=CFG)
+    d = decide(declined("generic_decline"), failures=1, first_failed_at=None, now=T0, config=CFG)
     assert d.charge_status is ChargeStatus.requires_payment_method
-    assert d.subscription_status is SubscriptionStatus.past_due
     assert d.notify is NotificationKind.payment_failed
     assert d.next_retry_at == T0 + DAY
     assert d.decline_class is DeclineClass.soft and d.reminders == () and not d.give_up
@@ -155,7 +154,7 @@ def test_first_soft_decline_emails_and_schedules_a_retry():
 
 
 def test_later_soft_declines_do_not_email_again():
-    d = decide(declined("generic_decline"), attempt_number=2, first_failed_at=T0, now=T0 + DAY, config=CFG)
+    d = decide(declined("generic_decline"), failures=2, first_failed_at=T0, now=T0 + DAY, config=CFG)
     assert d.notify is None
     assert d.next_retry_at == T0 + 2 * DAY
 
@@ -169,48 +168,46 @@ def test_schedule_boundaries_eighth_retry_then_give_up():
     expected_days = [1, 2, 3, 5, 7, 9, 11, 13]
     now, first = T0, None
     for attempt, day in enumerate(expected_days, start=1):
-        d = decide(declined("do_not_honor"), attempt_number=attempt, first_failed_at=first, now=now, config=CFG)
+        d = decide(declined("do_not_honor"), failures=attempt, first_failed_at=first, now=now, config=CFG)
         assert not d.give_up, attempt
         assert d.next_retry_at == T0 + timedelta(days=day), attempt
         first, now = d.first_failed_at, d.next_retry_at
     # Attempt 9 is the 8th retry; when it fails too, the schedule is exhausted.
-    d = decide(declined("do_not_honor"), attempt_number=9, first_failed_at=first, now=now, config=CFG)
+    d = decide(declined("do_not_honor"), failures=9, first_failed_at=first, now=now, config=CFG)
     assert d.give_up
     assert d.charge_status is ChargeStatus.uncollectible
-    assert d.subscription_status is SubscriptionStatus.unpaid
     assert d.notify is NotificationKind.final_notice and d.next_retry_at is None
 
 
 def test_late_retry_is_not_scheduled_in_the_past():
     # The queue was paused: attempt 2 fails on day 4, past the day-2 slot.
-    d = decide(declined("do_not_honor"), attempt_number=2, first_failed_at=T0, now=T0 + 4 * DAY, config=CFG)
+    d = decide(declined("do_not_honor"), failures=2, first_failed_at=T0, now=T0 + 4 * DAY, config=CFG)
     assert d.next_retry_at == T0 + 4 * DAY + CFG.min_retry_gap
 
 
 def test_retry_that_would_fall_after_the_horizon_gives_up():
-    d = decide(declined("do_not_honor"), attempt_number=8, first_failed_at=T0,
+    d = decide(declined("do_not_honor"), failures=8, first_failed_at=T0,
                now=T0 + 14 * DAY - timedelta(minutes=30), config=CFG)
     assert d.give_up and d.charge_status is ChargeStatus.uncollectible
 
 
 def test_try_again_later_retries_sooner():
-    d = decide(declined("do_not_honor", "try_again_later"), attempt_number=1, first_failed_at=None, now=T0,
+    d = decide(declined("do_not_honor", "try_again_later"), failures=1, first_failed_at=None, now=T0,
                config=CFG)
     assert d.next_retry_at == T0 + timedelta(hours=4)
-    d = decide(declined("processing_error"), attempt_number=1, first_failed_at=None, now=T0, config=CFG)
+    d = decide(declined("processing_error"), failures=1, first_failed_at=None, now=T0, config=CFG)
     assert d.next_retry_at == T0 + timedelta(hours=4)
 
 
 def test_insufficient_funds_retries_later():
-    d = decide(declined("insufficient_funds"), attempt_number=1, first_failed_at=None, now=T0, config=CFG)
+    d = decide(declined("insufficient_funds"), failures=1, first_failed_at=None, now=T0, config=CFG)
     assert d.next_retry_at == T0 + 3 * DAY and d.notify is NotificationKind.payment_failed
 
 
 @pytest.mark.parametrize("code", ["stolen_card", "expired_card", "incorrect_number", "revocation_of_authorization"])
 def test_hard_decline_emails_and_waits_without_retrying(code):
-    d = decide(declined(code), attempt_number=1, first_failed_at=None, now=T0, config=CFG)
+    d = decide(declined(code), failures=1, first_failed_at=None, now=T0, config=CFG)
     assert d.charge_status is ChargeStatus.requires_payment_method
-    assert d.subscription_status is SubscriptionStatus.past_due
     assert d.notify is NotificationKind.payment_failed
     assert d.next_retry_at is None and not d.give_up and not d.alert
     assert d.decline_class is DeclineClass.hard
@@ -218,22 +215,21 @@ def test_hard_decline_emails_and_waits_without_retrying(code):
 
 
 def test_do_not_try_again_advice_stops_retries_for_a_soft_code():
-    d = decide(declined("insufficient_funds", "do_not_try_again"), attempt_number=1, first_failed_at=None,
+    d = decide(declined("insufficient_funds", "do_not_try_again"), failures=1, first_failed_at=None,
                now=T0, config=CFG)
     assert d.next_retry_at is None and d.decline_class is DeclineClass.hard
 
 
 def test_hard_decline_after_soft_ones_emails_because_the_customer_must_act():
-    d = decide(declined("expired_card"), attempt_number=3, first_failed_at=T0, now=T0 + 2 * DAY, config=CFG)
+    d = decide(declined("expired_card"), failures=3, first_failed_at=T0, now=T0 + 2 * DAY, config=CFG)
     assert d.notify is NotificationKind.payment_failed and d.next_retry_at is None
 
 
 @pytest.mark.parametrize("kind", [OutcomeKind.invalid_request, OutcomeKind.canceled])
 def test_invalid_request_alerts_and_does_not_retry(kind):
     out = PaymentOutcome(kind, error_code="resource_missing", message="No such PaymentMethod")
-    d = decide(out, attempt_number=1, first_failed_at=None, now=T0, config=CFG)
+    d = decide(out, failures=1, first_failed_at=None, now=T0, config=CFG)
     assert d.charge_status is ChargeStatus.requires_payment_method
-    assert d.subscription_status is SubscriptionStatus.past_due
     assert d.notify is NotificationKind.payment_failed
     assert d.alert and d.next_retry_at is None and not d.give_up
 
@@ -242,7 +238,7 @@ def test_invalid_request_alerts_and_does_not_retry(kind):
     declined("generic_decline"), declined("stolen_card"),
     PaymentOutcome(OutcomeKind.authentication_required), PaymentOutcome(OutcomeKind.invalid_request)])
 def test_any_failure_past_the_horizon_gives_up(out):
-    d = decide(out, attempt_number=2, first_failed_at=T0, now=T0 + 14 * DAY, config=CFG)
+    d = decide(out, failures=2, first_failed_at=T0, now=T0 + 14 * DAY, config=CFG)
     assert d.give_up and d.charge_status is ChargeStatus.uncollectible
     assert d.notify is NotificationKind.final_notice and d.reminders == () and d.next_retry_at is None
 
@@ -254,17 +250,18 @@ def test_decide_give_up_waits_until_the_horizon():
     assert decide_give_up(T0, T0 + 14 * DAY - timedelta(seconds=1), CFG) is None
     d = decide_give_up(T0, T0 + 14 * DAY, CFG)
     assert d is not None and d.give_up
-    assert (d.charge_status, d.subscription_status) == (ChargeStatus.uncollectible, SubscriptionStatus.unpaid)
+    assert d.charge_status is ChargeStatus.uncollectible
     assert d.notify is NotificationKind.final_notice
 
 
 # ------------------------------------------------------------------------------------ configurability
 
-def test_final_subscription_status_canceled():
+def test_final_subscription_status_canceled_still_gives_the_charge_up():
+    # What the subscription becomes is derived from its charges (billing.state), not decided here.
     cfg = DunningConfig(final_subscription_status="canceled")
-    assert decide_give_up(T0, T0 + 15 * DAY, cfg).subscription_status is SubscriptionStatus.canceled
-    d = decide(declined("generic_decline"), attempt_number=9, first_failed_at=T0, now=T0 + 13 * DAY, config=cfg)
-    assert d.subscription_status is SubscriptionStatus.canceled
+    assert decide_give_up(T0, T0 + 15 * DAY, cfg).give_up
+    d = decide(declined("generic_decline"), failures=9, first_failed_at=T0, now=T0 + 13 * DAY, config=cfg)
+    assert d.charge_status is ChargeStatus.uncollectible and d.give_up
 
 
 def test_from_settings_takes_the_final_status():
@@ -278,13 +275,13 @@ def test_custom_schedule_and_horizon():
     cfg = DunningConfig(retry_schedule=(timedelta(hours=12), 2 * DAY), give_up_after=3 * DAY,
                         try_again_later_schedule=(timedelta(hours=1),), insufficient_funds_schedule=(DAY,),
                         reminder_schedule=(DAY,))
-    d = decide(declined("do_not_honor"), attempt_number=1, first_failed_at=None, now=T0, config=cfg)
+    d = decide(declined("do_not_honor"), failures=1, first_failed_at=None, now=T0, config=cfg)
     assert d.next_retry_at == T0 + timedelta(hours=12)
-    d = decide(declined("do_not_honor"), attempt_number=3, first_failed_at=T0, now=T0 + 2 * DAY, config=cfg)
+    d = decide(declined("do_not_honor"), failures=3, first_failed_at=T0, now=T0 + 2 * DAY, config=cfg)
     assert d.give_up
-    d = decide(PaymentOutcome(OutcomeKind.authentication_required), attempt_number=1, first_failed_at=None,
+    d = decide(PaymentOutcome(OutcomeKind.authentication_required), failures=1, first_failed_at=None,
                now=T0, config=cfg)
-    assert d.next_retry_at == T0 + 3 * DAY and d.reminders == (T0 + DAY,)
+    assert d.give_up_at == T0 + 3 * DAY and d.reminders == (T0 + DAY,)
     assert decide_give_up(T0, T0 + 3 * DAY, cfg).give_up
 
 
@@ -307,6 +304,19 @@ def test_config_is_frozen():
 
 def test_inputs_are_checked():
     with pytest.raises(ValueError, match="timezone"):
-        decide(declined(), attempt_number=1, first_failed_at=None, now=datetime(2025, 1, 1), config=CFG)
-    with pytest.raises(ValueError, match="attempt_number"):
-        decide(declined(), attempt_number=0, first_failed_at=None, now=T0, config=CFG)
+        decide(declined(), failures=1, first_failed_at=None, now=datetime(2025, 1, 1), config=CFG)
+    with pytest.raises(ValueError, match="failures"):
+        decide(declined(), failures=-1, first_failed_at=None, now=T0, config=CFG)
+
+
+def test_staff_retries_and_abandoned_attempts_do_not_use_up_the_schedule():
+    """Failures count, not attempts: eleven abandoned attempts and a staff retry later, the first real
+    decline still gets the first retry day, not a final notice (the outage case)."""
+    d = decide(declined("insufficient_funds"), failures=1, first_failed_at=None, now=T0, config=CFG)
+    assert d.charge_status is ChargeStatus.requires_payment_method and not d.give_up
+    assert d.next_retry_at == T0 + CFG.insufficient_funds_schedule[0]
+    assert d.notify is NotificationKind.payment_failed
+    # A staff retry declined an hour later does not count: the schedule's slot stays where it was.
+    again = decide(declined("insufficient_funds"), failures=1, first_failed_at=T0, now=T0 + timedelta(hours=1),
+                   config=CFG)
+    assert again.next_retry_at == d.next_retry_at and again.notify is None
