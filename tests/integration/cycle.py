@@ -49,6 +49,13 @@ class Cycle:
 
 @contextlib.contextmanager
 def web_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
+    with web_server_process(env, log_path) as (url, _proc):
+        yield url
+
+
+@contextlib.contextmanager
+def web_server_process(env: dict[str, str], log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real ``billing web`` answering /healthz, and its process (for tests that watch its memory)."""
     port = free_port()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([*billing_command(), "web", "--port", str(port)], env={**os.environ, **env},
@@ -64,7 +71,7 @@ def web_process(env: dict[str, str], log_path: Path) -> Iterator[str]:
                 return False
 
         wait_until(healthy, timeout=60, message="billing web to answer")
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:

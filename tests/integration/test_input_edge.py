@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import subprocess
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from urllib.parse import quote
@@ -34,7 +32,7 @@ from billing.models import AuditEntry, Charge, Subscription
 from tests import factories, stripe_events
 from tests.finance import support
 from tests.integration.billing_helpers import api_key_headers
-from tests.integration.conftest import ROOT, billing_command, free_port, wait_until
+from tests.integration.cycle import web_server_process
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -423,29 +421,8 @@ def test_amounts_at_the_limits_are_accepted(client, amount, currency):
 
 @contextlib.contextmanager
 def web_server(env: dict[str, str], log_path):
-    port = free_port()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*billing_command(), "web", "--port", str(port)], env={**os.environ, **env},
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def healthy() -> bool:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_until(healthy, timeout=60, message="billing web to answer")
+    with web_server_process(env, log_path) as (url, proc):
         yield url, psutil.Process(proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 def _rss(process: psutil.Process) -> int:
