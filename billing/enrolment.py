@@ -122,11 +122,14 @@ def validate_customer(email: str, name: str, country: str | None) -> tuple[str, 
     Control characters are refused before anything is trimmed: a name ending in LF is refused, not
     quietly shortened. Emails are checked for syntax by ``email-validator``
     (https://pypi.org/project/email-validator/), not for deliverability: no DNS lookup on a request.
+    Only addresses every mail server can take are accepted: no internationalised local part (it needs
+    the server's SMTPUTF8), and an internationalised domain is stored in its ASCII (IDNA) form.
     """
     refuse_control_characters(email=email, name=name, country=country)
     email, name = (email or "").strip(), (name or "").strip()
     try:
-        email = validate_email(email, check_deliverability=False).normalized
+        checked = validate_email(email, check_deliverability=False, allow_smtputf8=False)
+        email = checked.ascii_email or checked.normalized
     except EmailNotValidError as exc:
         raise InvalidInput(f"email must be an email address: {exc}", field="email") from None
     if len(email) > 320:

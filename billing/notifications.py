@@ -41,10 +41,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from email import message_from_bytes
 from email import policy as email_policy
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime
+from email.utils import format_datetime, getaddresses
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -392,14 +393,28 @@ def header_text(value: str | None) -> str:
     return " ".join("".join(" " if is_control(c) else c for c in value or "").split())
 
 
-def mailbox(display_name: str | None, addr_spec: str) -> Address:
+# RFC 5322 "specials" in a display name make the header's folding drop the quotes that protect them
+# (Python 3.11: a long "Bob <x@evil>, Eve …" comes out as two mailboxes), and "=?" starts an RFC 2047
+# encoded-word that the header machinery decodes — CR LF included — on the way out. A display name is
+# only decoration, so these are taken out of it rather than trusted to quoting.
+_NAME_SPECIALS = frozenset('"<>,;:@\\()[]')
+
+
+def display_name(value: str | None) -> str:
+    """A customer's or merchant's name as a header display name: header text without RFC 5322
+    specials or encoded-word openers, so it can only ever be one phrase before one address."""
+    text = header_text(value).replace("=?", "= ?")
+    return " ".join("".join(" " if c in _NAME_SPECIALS else c for c in text).split())
+
+
+def mailbox(display_name_: str | None, addr_spec: str) -> Address:
     """A header-safe mailbox, or :class:`Unsendable`. The address is never repaired (which address
     did somebody mean by ``a@b.example\\r\\nBcc: …``?): one with control characters or spaces, or one
     the RFC 5322 parser (``email.headerregistry.Address``) does not take whole, is refused."""
     if not addr_spec or has_control_characters(addr_spec) or any(c.isspace() for c in addr_spec):
         raise Unsendable("the address has control characters or spaces")
     try:
-        address = Address(display_name=header_text(display_name), addr_spec=addr_spec)
+        address = Address(display_name=display_name(display_name_), addr_spec=addr_spec)
     except Exception:  # the parser's errors quote the address
         raise Unsendable("the address is not a valid email address") from None
     if not address.username or not address.domain:
@@ -423,7 +438,24 @@ def build_message(row: Notification, customer: Customer | None, email: RenderedE
     msg["Auto-Submitted"] = "auto-generated"
     msg.set_content(email.text)
     msg.add_alternative(email.html, subtype="html")
+    _check_headers(msg, row.to_email)
     return msg
+
+
+def _check_headers(msg: EmailMessage, to_email: str) -> None:
+    """Read the serialised message back as a mail server would: exactly our headers, and one ``To``
+    mailbox that is the row's address. Anything else (a header the email package's folding or
+    decoding let a name inject) makes the row unsendable instead of sent."""
+    parsed = message_from_bytes(msg.as_bytes(), policy=email_policy.default)
+    names = [name.lower() for name in parsed.keys()]
+    if sorted(names) != sorted(_HEADER_NAMES):
+        raise Unsendable("the message's headers did not survive serialisation")
+    recipients = getaddresses([str(parsed["To"])])
+    if len(recipients) != 1 or recipients[0][1].lower() != to_email.lower():
+        raise Unsendable("the message's recipient did not survive serialisation")
+
+
+_HEADER_NAMES = ("subject", "from", "to", "date", "message-id", "auto-submitted", "content-type", "mime-version")
 
 
 def _backoff(tries: int) -> timedelta:

@@ -278,8 +278,9 @@ def _cell(value) -> str:
     if value is None:
         return ""
     text = str(value)
-    # A customer-typed name starting with = + - @ would run as a formula in a spreadsheet.
-    return "'" + text if isinstance(value, str) and text[:1] in ("=", "+", "-", "@") else text
+    # A customer-typed name starting with = + - @ (or a tab or CR before one) would run as a formula in a
+    # spreadsheet (OWASP "CSV Injection").
+    return "'" + text if isinstance(value, str) and text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
 def to_csv(rows: Iterator[QueueRow]) -> Iterator[str]:

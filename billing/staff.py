@@ -257,7 +257,8 @@ def unsign(cookie: str | None) -> str | None:
     if not cookie or "." not in cookie:
         return None
     token, _, signature = cookie.rpartition(".")
-    return token if hmac.compare_digest(signature, _signature(token)) else None
+    # Bytes: a cookie is attacker-typed, and compare_digest refuses non-ASCII text with a TypeError.
+    return token if hmac.compare_digest(signature.encode("utf-8", "replace"), _signature(token).encode()) else None
 
 
 def session_for(cookie: str | None, now: datetime | None = None) -> SignedIn | None:

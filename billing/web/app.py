@@ -35,7 +35,7 @@ log = logging.getLogger("billing.web")
 STRIPE_RETRY_AFTER_SECONDS = 5
 
 _ERROR_STATUS = {enrolment.NotFound: 404, enrolment.InvalidInput: 422, enrolment.Conflict: 409}
-_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+_HTTP_CODES = {400: "bad_request", 408: "request_timeout", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
                429: "too_many_requests"}
 
@@ -125,8 +125,10 @@ def create_app() -> FastAPI:
     from billing.web import api, pages, webhooks
 
     # FastAPI's /docs and /redoc would load a CDN script into this origin: never (billing.web.docs).
+    # redirect_slashes off: Starlette builds that redirect from the request's Host header, so a
+    # trailing slash would send a browser (or a cache) to whatever host the client named.
     app = FastAPI(title="Billing", version="1", summary="Recurring off-session card billing on Stripe",
-                  docs_url=None, redoc_url=None,
+                  docs_url=None, redoc_url=None, redirect_slashes=False,
                   responses={422: {"description": "Validation error", "model": api.ErrorBody}})
     app.include_router(api.router)
     app.include_router(webhooks.router)

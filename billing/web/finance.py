@@ -81,7 +81,8 @@ def _signed_in(request: Request) -> staff.SignedIn:
 
 
 def _check_csrf(expected: str | None, given: str | None) -> None:
-    if not expected or not given or not hmac.compare_digest(expected, given):
+    # Bytes: compare_digest refuses non-ASCII text with a TypeError (a 500), and a token is ASCII anyway.
+    if not expected or not given or not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
         raise Forbidden("The form was out of date or did not come from this console (CSRF check). "
                         "Go back, reload the page and try again.")
 
@@ -108,7 +109,7 @@ def _safe_next(value: str | None) -> str:
 
 def create_finance_app(jobs: finance.Jobs | None = None) -> FastAPI:
     jobs = jobs or CeleryJobs()
-    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
     # Also set by the main app; here too so the console carries them wherever it is mounted.
     app.add_middleware(security.SecurityHeaders)
 

@@ -19,6 +19,7 @@ the JSON API 64 KiB, everything else (finance console forms, customer pages' JSO
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import HTTPException
@@ -29,6 +30,10 @@ MIB = 1024 * KIB
 WEBHOOK_BODY_LIMIT = 1 * MIB
 API_BODY_LIMIT = 64 * KIB
 DEFAULT_BODY_LIMIT = 64 * KIB
+# The longest a client may pause between pieces of a request body before it is answered 408: a body
+# that stalls would otherwise hold its connection (and a worker slot) forever, as uvicorn has no
+# body timeout of its own. Bodies here are at most 1 MiB, so a healthy client never pauses this long.
+BODY_READ_TIMEOUT_SECONDS = 10.0
 
 # First match wins: (path prefix, cap in bytes).
 LIMITS: tuple[tuple[str, int], ...] = (
@@ -58,10 +63,18 @@ class BodyTooLarge(HTTPException):
         self.cap = cap
 
 
+class BodyStalled(HTTPException):
+    def __init__(self):
+        super().__init__(status_code=408, detail="the request body stopped arriving")
+
+
 async def _send_too_large(send: Send, cap: int) -> None:
-    body = json.dumps({"error": {"code": "payload_too_large",
-                                 "message": f"the request body is larger than {describe(cap)}"}}).encode()
-    await send({"type": "http.response.start", "status": 413,
+    await _send_error(send, 413, "payload_too_large", f"the request body is larger than {describe(cap)}")
+
+
+async def _send_error(send: Send, status: int, code: str, message: str) -> None:
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
@@ -91,14 +104,23 @@ class BodyLimit:
             return
         seen = 0
         exceeded = False
+        stalled = False
+        body_done = False
         started = False
 
         async def capped_receive() -> Message:
-            nonlocal seen, exceeded
+            nonlocal seen, exceeded, stalled, body_done
             if exceeded:
                 raise BodyTooLarge(cap)  # never read on once the cap was crossed
-            message = await receive()
+            if body_done:
+                return await receive()  # after the body only http.disconnect comes: no deadline
+            try:
+                message = await asyncio.wait_for(receive(), BODY_READ_TIMEOUT_SECONDS)
+            except TimeoutError:
+                stalled = True
+                raise BodyStalled() from None
             if message["type"] == "http.request":
+                body_done = not message.get("more_body", False)
                 seen += len(message.get("body", b""))
                 if seen > cap:
                     exceeded = True
@@ -107,7 +129,7 @@ class BodyLimit:
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
-            if exceeded and not started:
+            if (exceeded or stalled) and not started:
                 return  # the app's own answer to BodyTooLarge: ours goes out instead, below
             if message["type"] == "http.response.start":
                 started = True
@@ -115,10 +137,12 @@ class BodyLimit:
 
         try:
             await self.app(scope, capped_receive, guarded_send)
-        except BodyTooLarge:
+        except (BodyTooLarge, BodyStalled):
             pass
         except Exception:
-            if not exceeded:
+            if not (exceeded or stalled):
                 raise
         if exceeded and not started:
             await _send_too_large(send, cap)
+        elif stalled and not started:
+            await _send_error(send, 408, "request_timeout", "the request body stopped arriving")

@@ -112,7 +112,8 @@ def test_a_crlf_name_cannot_stop_other_mail_nor_add_a_header(clean_db, session_f
     messages = smtp_server.wait_for(3)
     eve = next(m for m in messages if "eve@example.org" in str(m["To"]))
     assert to_addresses(eve) == ["eve@example.org"]
-    assert eve["To"].addresses[0].display_name == "Eve Mallory Bcc: victim@example.net X-Injected: yes"
+    # Control characters become spaces and RFC 5322 specials are taken out: one phrase before one address.
+    assert eve["To"].addresses[0].display_name == "Eve Mallory Bcc victim example.net X-Injected yes"
     for message in messages:
         assert message["Bcc"] is None and message["X-Injected"] is None
         assert "victim@example.net" not in to_addresses(message)
