@@ -36,6 +36,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/sandbox_throughput.py
 	$(BIN)/python bench/run_due_bench.py
+	$(BIN)/python bench/run_at_scale.py
+	$(BIN)/python bench/limiter_bench.py
+	$(BIN)/python bench/charge_path.py
 
 sandbox: $(STAMP)
 	$(BIN)/billing sandbox

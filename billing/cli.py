@@ -12,6 +12,7 @@ import os
 import sys
 from collections import Counter
 from datetime import UTC, datetime
+from pathlib import Path
 
 import typer
 
@@ -107,34 +108,87 @@ def worker(
                                      help="serve Prometheus metrics on this port (0: off)"),
     metrics_host: str = typer.Option("127.0.0.1", "--metrics-host", envvar="BILLING_WORKER_METRICS_HOST",
                                      help="address for --metrics-port (0.0.0.0 to be scraped from elsewhere)"),
+    health: bool = typer.Option(False, "--health", help="check the running worker(s) instead: exit 0 when "
+                                "connected to Redis and PostgreSQL and working, 1 otherwise"),
+    health_file: Path | None = typer.Option(None, "--health-file", envvar="BILLING_WORKER_HEALTH_FILE",
+                                            help="heartbeat file to write (or, with --health, to read); default "
+                                                 "BILLING_DATA_DIR/health/worker-<pid>.json"),
 ) -> None:
-    """Run a Celery worker (threads pool: charging waits on Stripe and the database, not the CPU)."""
-    settings_for("stripe_api_key")
+    """Run a Celery worker (threads pool: charging waits on Stripe and the database, not the CPU).
+
+    Exits 0 after a requested stop (SIGTERM: running tasks finish), non-zero after an error it cannot
+    recover from. Redis and PostgreSQL restarts are waited out, not exits."""
+    if health:
+        _probe("worker", health_file)
+    settings = settings_for("stripe_api_key")
     from billing import metrics
+    from billing.ratelimit import resolve_broker_url
+    from workers import health as heartbeats
     from workers import observability
     from workers.celery_app import TASK_QUEUE
     from workers.celery_app import app as celery_app
 
     fmt = observability.setup_logging(loglevel)
+    from billing import db
+
+    db.configure_pool(concurrency)  # a connection per task running at once, none held across Stripe
     if metrics_port:
         # One process (threads pool), so the default registry holds every thread's counts.
         metrics.serve(metrics_port, metrics_host, TASK_QUEUE)
+    heartbeat = heartbeats.WorkerHeartbeat(health_file or heartbeats.default_path("worker", settings.data_dir),
+                                           broker_url=resolve_broker_url(settings)).start()
     quiet = ["--quiet"] if fmt == "json" else []  # the banner is printed, not logged: one log line instead
-    celery_app.worker_main([*quiet, "worker", "--pool=threads", f"--concurrency={concurrency}",
-                            f"--loglevel={loglevel}", f"--hostname=billing-{os.getpid()}@%h", "--without-mingle",
-                            "--without-gossip"])
+    try:
+        # Celery.start, not worker_main: worker_main drops the exit status, so a worker that died of an
+        # unrecoverable error would look to its supervisor like one that was asked to stop.
+        code = celery_app.start([*quiet, "worker", "--pool=threads", f"--concurrency={concurrency}",
+                                 f"--loglevel={loglevel}", f"--hostname=billing-{os.getpid()}@%h",
+                                 "--without-mingle", "--without-gossip"])
+    finally:
+        heartbeat.stop()
+    raise typer.Exit(code or 0)
 
 
 @app.command()
-def beat(loglevel: str = typer.Option("INFO", help="log level")) -> None:
-    """Run the scheduler. Start one per machine if you like: a Redis lock lets exactly one send tasks."""
-    settings_for()
+def beat(
+    loglevel: str = typer.Option("INFO", help="log level"),
+    health: bool = typer.Option(False, "--health", help="check the running beat(s) instead: exit 0 when Redis "
+                                "answers them (active or standby), 1 otherwise"),
+    health_file: Path | None = typer.Option(None, "--health-file", envvar="BILLING_BEAT_HEALTH_FILE",
+                                            help="heartbeat file to write (or, with --health, to read); default "
+                                                 "BILLING_DATA_DIR/health/beat-<pid>.json"),
+) -> None:
+    """Run the scheduler. Start one per machine if you like: a Redis lock lets exactly one send tasks.
+
+    Redis restarts (with or without its data) are waited out; exits non-zero only on an error it cannot
+    recover from."""
+    if health:
+        _probe("beat", health_file)
+    settings = settings_for()
+    from workers import beat as beat_scheduler
+    from workers import health as heartbeats
     from workers import observability
+    from workers.celery_app import BEAT_SCHEDULER
     from workers.celery_app import app as celery_app
 
     fmt = observability.setup_logging(loglevel)
+    beat_scheduler.heartbeat_path = health_file or heartbeats.default_path("beat", settings.data_dir)
     quiet = ["--quiet"] if fmt == "json" else []
-    celery_app.start([*quiet, "beat", "--scheduler=redbeat.RedBeatScheduler", f"--loglevel={loglevel}"])
+    try:
+        code = celery_app.start([*quiet, "beat", f"--scheduler={BEAT_SCHEDULER}", f"--loglevel={loglevel}"])
+    finally:
+        heartbeats.remove(beat_scheduler.heartbeat_path)
+    raise typer.Exit(code or 0)
+
+
+def _probe(kind: str, path: Path | None) -> None:
+    """``--health``: one line per running process of ``kind``, exit 0 when all are healthy, else 1."""
+    from workers import health as heartbeats
+
+    code, lines = heartbeats.probe(kind, data_dir=get_settings().data_dir, path=path)
+    for line in lines:
+        typer.echo(line, err=code != 0)
+    raise typer.Exit(code)
 
 
 def parse_now(value: str | None) -> datetime | None:

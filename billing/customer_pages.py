@@ -32,8 +32,9 @@ recovery flow"): the customer finishes *the same* PaymentIntent the off-session 
 The charge becomes ``paid`` through :func:`billing.charging.apply_outcome`, whichever of the webhook
 (``payment_intent.succeeded``) and the page's return comes first: both lock the charge row, and
 ``apply_outcome`` ignores a charge already final, so the state change and its email happen once. The
-page's return holds the charge's in-flight lock (:func:`billing.charging.in_flight`) while it applies,
-the same lock a charge attempt (scheduled or a staff "retry now") holds: neither runs over the other.
+page's return applies nothing while a charge attempt (scheduled or a staff "retry now") holds the
+charge's lease (:func:`billing.charging.lease_held`), and the page makes a PaymentIntent only under
+that lease itself (:func:`billing.charging.lease`): neither runs over the other.
 A paid charge uses up its recovery links (:func:`billing.recovery.consume_for_charge`).
 
 The page shows and settles only the charge's own PaymentIntent, for the charge's amount, currency and
@@ -340,9 +341,9 @@ def _create_intent(gw, ref: _ChargeRef, *, replacing: str | None = None) -> Paym
     key is spent once its PaymentIntent was canceled, or once Stripe replays an error under it: the
     next key is drawn and stored, so the page never hands out a PaymentIntent that cannot be paid.
 
-    Made only while holding the charge's in-flight lock and while no attempt is running, so a retry
-    and the page never make one PaymentIntent each; ``None`` when an attempt holds the charge."""
-    with charging.in_flight(ref.charge_id) as ours:
+    Made only while holding the charge's lease and while no attempt is running, so a retry and the
+    page never make one PaymentIntent each; ``None`` when an attempt holds the charge."""
+    with charging.lease(ref.charge_id) as ours:
         if not ours:
             return None
         with unit_of_work() as uow:
@@ -429,27 +430,26 @@ def complete_recovery(token: str, *, gateway: PaymentGateway | None = None) -> R
     card = _new_card_to_save(gw, ref.customer_id, intent)
     now = utcnow()
     new_card = None
-    with charging.in_flight(ref.charge_id) as ours:
-        if not ours:
+    with unit_of_work() as uow:
+        s = uow.session
+        charge = s.scalars(select(Charge).where(Charge.id == ref.charge_id).with_for_update()).one()
+        if charging.lease_held(s, ref.charge_id):
             log.info("recovery page return while the charge is busy; left to the webhook",
                      extra={"charge_id": ref.charge_id})
-            return RecoveryOutcome(charge_status=ChargeStatus.processing, intent_status=intent.status, paid=False,
-                                   busy=True, new_card=None, error_code=None, error_message=None)
-        with unit_of_work() as uow:
-            s = uow.session
-            charge = s.scalars(select(Charge).where(Charge.id == ref.charge_id).with_for_update()).one()
-            if outcome.kind in (OutcomeKind.succeeded, OutcomeKind.processing):
-                result = charging.apply_outcome(s, charge, outcome, now=now, attempt_number=charge.attempts or 1)
-                log.info("recovery page applied the payment", extra={"charge_id": charge.id, "result": result})
-            if card is not None:
-                customer = s.get(Customer, ref.customer_id)
-                try:
-                    new_card = _card(enrolment.save_payment_method(s, customer, card, saved_at=now))
-                except enrolment.Conflict:
-                    log.warning("card paid with on the recovery page belongs to another customer; not saved",
-                                extra={"charge_id": charge.id})
-            status = charge.status
-            uow.commit()
+            return RecoveryOutcome(charge_status=ChargeStatus.processing, intent_status=intent.status,
+                                   paid=False, busy=True, new_card=None, error_code=None, error_message=None)
+        if outcome.kind in (OutcomeKind.succeeded, OutcomeKind.processing):
+            result = charging.apply_outcome(s, charge, outcome, now=now, attempt_number=charge.attempts or 1)
+            log.info("recovery page applied the payment", extra={"charge_id": charge.id, "result": result})
+        if card is not None:
+            customer = s.get(Customer, ref.customer_id)
+            try:
+                new_card = _card(enrolment.save_payment_method(s, customer, card, saved_at=now))
+            except enrolment.Conflict:
+                log.warning("card paid with on the recovery page belongs to another customer; not saved",
+                            extra={"charge_id": charge.id})
+        status = charge.status
+        uow.commit()
     failed = outcome.kind not in (OutcomeKind.succeeded, OutcomeKind.processing)
     return RecoveryOutcome(charge_status=status, intent_status=intent.status, paid=status == ChargeStatus.paid,
                            busy=False, new_card=new_card, error_code=outcome.error_code if failed else None,

@@ -8,7 +8,7 @@ Work that must leave the database (a charge attempt, the outbox relay) is handed
 only after that transaction commits. "Retry now" goes through the very path of the scheduled run,
 ``charging.process_charge(manual=True)``: the same claim lock, idempotency key and outcome handling.
 
-Actions refuse while an attempt is in flight (the charge's advisory lock is held, or the charge is
+Actions refuse while an attempt is in flight (someone holds the charge's lease, or the charge is
 ``processing``): a void racing a successful payment would write off money that was just collected.
 
 A ``needs_review`` charge (Stripe refused the request itself, not the card) waits for staff alone:
@@ -147,30 +147,29 @@ def perform(action: Action | str, charge_id: int, *, actor: str, reason: str | N
         raise ActionRefused(f"unknown action {action!r}") from None
     reason = check_reason(reason)
     now = now or utcnow()
-    # The in-flight lock keeps a worker from starting an attempt while we change the charge (and us
-    # from changing it while an attempt runs); the row lock keeps webhooks out.
-    with charging.in_flight(charge_id) as ours:
-        if not ours:
+    # The row lock keeps a worker from starting an attempt while we change the charge (its claim skips
+    # a locked row) and keeps webhooks out; a live lease means an attempt runs: we leave it alone.
+    with unit_of_work() as uow:
+        s = uow.session
+        charge = s.scalars(select(Charge).where(Charge.id == charge_id).with_for_update()).first()
+        if charge is None:
+            raise NotFound(f"charge {charge_id} not found")
+        if charging.lease_held(s, charge_id):
             raise ActionRefused("an attempt at this charge is running; try again in a moment")
-        with unit_of_work() as uow:
-            s = uow.session
-            charge = s.scalars(select(Charge).where(Charge.id == charge_id).with_for_update()).first()
-            if charge is None:
-                raise NotFound(f"charge {charge_id} not found")
-            sub = s.get(Subscription, charge.subscription_id, with_for_update=True)
-            refusal = _allowed(action, charge, sub)
-            if refusal:
-                raise ActionRefused(refusal)
-            # The entry's id is drawn first, so what the action writes can name it (the resend's key).
-            audit_id = s.execute(text("SELECT nextval(pg_get_serial_sequence('audit_log', 'id'))")).scalar_one()
-            details: dict[str, Any] = {"charge_status": charge.status, "subscription_status": sub.status}
-            after: list[Callable[[], None]] = []
-            message = _HANDLERS[action](s, after, charge, sub, jobs, now, audit_id, details)
-            s.add(AuditEntry(id=audit_id, at=now, actor=actor, action=action.value, charge_id=charge.id,
-                             subscription_id=sub.id, reason=reason, details=details))
-            uow.commit()
+        sub = s.get(Subscription, charge.subscription_id, with_for_update=True)
+        refusal = _allowed(action, charge, sub)
+        if refusal:
+            raise ActionRefused(refusal)
+        # The entry's id is drawn first, so what the action writes can name it (the resend's key).
+        audit_id = s.execute(text("SELECT nextval(pg_get_serial_sequence('audit_log', 'id'))")).scalar_one()
+        details: dict[str, Any] = {"charge_status": charge.status, "subscription_status": sub.status}
+        after: list[Callable[[], None]] = []
+        message = _HANDLERS[action](s, after, charge, sub, jobs, now, audit_id, details)
+        s.add(AuditEntry(id=audit_id, at=now, actor=actor, action=action.value, charge_id=charge.id,
+                         subscription_id=sub.id, reason=reason, details=details))
+        uow.commit()
     log.info("finance action", extra={"action": action.value, "charge_id": charge_id, "audit_id": audit_id})
-    # Committed, and the in-flight lock released: a worker taking the job at once finds the charge free.
+    # Committed, and the row lock released: a worker taking the job at once finds the charge free.
     for job in after:
         try:
             job()

@@ -98,6 +98,13 @@ STRIPE_REQUESTS = Counter("billing_stripe_requests", "Stripe API calls by endpoi
                           "(0: no answer)", ["endpoint", "status"])
 STRIPE_RATE_LIMITED = Counter("billing_stripe_rate_limited", "Stripe answers 429 (rate limited), by endpoint",
                               ["endpoint"])
+# Stripe's limiters, as its 429 answers name them in Stripe-Rate-Limited-Reason (docs.stripe.com/rate-limits).
+RATE_LIMITED_REASONS = frozenset({"global-rate", "endpoint-rate", "global-concurrency", "endpoint-concurrency",
+                                  "resource-specific"})
+STRIPE_RATE_LIMITED_REASON = Counter(
+    "billing_stripe_rate_limited_reasons", "Stripe answers 429 by the limiter its Stripe-Rate-Limited-Reason header "
+    "names (none: no header, as on a lock_timeout; other: a value outside Stripe's documented list), by endpoint",
+    ["endpoint", "reason"])
 RATE_LIMIT_WAIT = Histogram(
     "billing_ratelimit_wait_seconds", "Time a Stripe call waited for a slot in the shared request budget",
     ["endpoint"], buckets=(0, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
@@ -119,6 +126,14 @@ def stripe_call(endpoint: str, call: Callable[[dict], Any], options: dict) -> An
         STRIPE_REQUESTS.labels(endpoint=endpoint, status=str(status)).inc()
 
 
+def observe_rate_limited_reason(endpoint: str, reason: str | None) -> str:
+    """Count one 429 under its reason label; returns the label."""
+    reason = (reason or "").strip().lower()
+    label = "none" if not reason else reason if reason in RATE_LIMITED_REASONS else "other"
+    STRIPE_RATE_LIMITED_REASON.labels(endpoint=endpoint, reason=label).inc()
+    return label
+
+
 def observe_rate_limit_wait(endpoint: str, waited: float) -> float:
     RATE_LIMIT_WAIT.labels(endpoint=endpoint).observe(waited)
     return waited
@@ -136,6 +151,18 @@ RECONCILER_FINDINGS = Counter("billing_reconciler_findings", "Charges the reconc
 def observe_webhook_lag(created: int, received_at: float | None = None) -> None:
     received_at = time.time() if received_at is None else received_at
     WEBHOOK_LAG.observe(max(0.0, received_at - created))
+
+
+RECONCILER_ERRORS = Counter(
+    "billing_reconciler_errors",
+    "Rows a reconciler sweep could not read from Stripe (the sweep went on with the next), by error class.",
+    ["error"],
+)
+
+
+def observe_reconciler_error(error: str) -> None:
+    known = error in ("StripeRequestRefused", "TemporaryStripeError")
+    RECONCILER_ERRORS.labels(error=error if known else "other").inc()
 
 
 def observe_reconciler(report: Any) -> None:

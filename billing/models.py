@@ -228,6 +228,10 @@ class Charge(Base):
               postgresql_where=text("status <> 'paid'")),
         # Recovery rate per week: charges by when they first failed.
         Index("ix_charges_first_failed", "first_failed_at", postgresql_where=text("first_failed_at IS NOT NULL")),
+        # The billing run's "no open charge" check (billing.charging.run_due): open charges only, so it
+        # does not grow with a subscription's paid history. Its predicate is the run's, word for word.
+        Index("ix_charges_open", "subscription_id",
+              postgresql_where=text("status NOT IN ('paid', 'uncollectible', 'void')")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -259,6 +263,12 @@ class Charge(Base):
     # (``recover-charge-<id>-<random>``, also in its metadata). Kept while that PaymentIntent can be
     # paid; a new one is drawn when it was canceled or the key is spent (billing.customer_pages).
     recovery_key: Mapped[str | None] = mapped_column(String(80), unique=True)
+    # Who is working on this charge outside any transaction (a charge attempt calling Stripe, the
+    # recovery page making a PaymentIntent), as a fencing token its later writes must still find, and
+    # until when by the database's clock: free when either is NULL or the time has passed
+    # (billing.leases). Replaces a session-level advisory lock, which pinned a connection per call.
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now_default()
     updated_at: Mapped[datetime] = _now_default()
 

@@ -264,6 +264,29 @@ STILL_TRUE: dict[str, frozenset[str]] = {
 }
 
 
+# Held for staff (a request Stripe refused): an email to the customer is neither true nor false yet —
+# staff may void the charge, or retry it into a decline the customer must hear about — so it waits.
+HOLD_WHILE = frozenset({ChargeStatus.needs_review.value})
+HOLD_RECHECK = timedelta(hours=1)
+
+
+def held(kind: str, charge: Charge | None) -> bool:
+    """Whether an email of ``kind`` waits (neither sent nor dropped) while its charge is held for staff."""
+    return charge is not None and str(kind) in STILL_TRUE and charge.status in HOLD_WHILE
+
+
+def release_held(session: Session, charge_id: int, now: datetime) -> int:
+    """The charge waits on the customer again: its failure emails held during a staff review are due
+    now (reminders keep their own schedule). Returns how many were released."""
+    kinds = [NotificationKind.payment_failed.value, NotificationKind.authentication_required.value]
+    result = session.execute(
+        update(Notification).where(Notification.charge_id == charge_id,
+                                   Notification.status == NotificationStatus.pending.value,
+                                   Notification.kind.in_(kinds), Notification.send_after > now)
+        .values(send_after=now).execution_options(synchronize_session=False))
+    return result.rowcount or 0
+
+
 def still_true(kind: str, charge: Charge | None) -> bool:
     """Whether an email of ``kind`` still describes ``charge`` (kinds not about a charge always do)."""
     statuses = STILL_TRUE.get(str(kind))
@@ -572,6 +595,10 @@ def _claim_and_render(factory, settings: Settings, sender: Address, now: datetim
             return None
         ids = {"notification_id": row.id, "charge_id": row.charge_id, "kind": row.kind}
         charge = session.get(Charge, row.charge_id) if row.charge_id is not None else None
+        if held(row.kind, charge):
+            row.send_after = now + HOLD_RECHECK  # no try used: nothing is wrong with the email
+            uow.commit()
+            return "held"
         if not still_true(row.kind, charge):
             row.status = NotificationStatus.dropped.value
             uow.commit()
@@ -630,7 +657,7 @@ def _release(factory, claimed: _Claimed) -> None:
 
 def _relay_one(factory: sessionmaker[Session] | None, mailer: _Mailer, settings: Settings, sender: Address,
                now: datetime) -> str | None:
-    """Send the next due row: "sent", "dropped", "failed", "dead" or None (none due). Raises
+    """Send the next due row: "sent", "dropped", "held", "failed", "dead" or None (none due). Raises
     :class:`_ServerUnavailable` after putting the row back (or charging it a try, if it was mid-message).
 
     Three steps, so no transaction stays open while SMTP talks (ARCHITECTURE practice 4): claim the
@@ -699,7 +726,8 @@ def relay_due(*, now: datetime | None = None, limit: int = 100, smtp_url: str | 
                 break
             if result is None:
                 break
-            counts[result] += 1
+            if result != "held":
+                counts[result] += 1
     finally:
         mailer.close()
     return RelayResult(**counts)

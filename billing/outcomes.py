@@ -131,7 +131,8 @@ class ChargeGateway(Protocol):
 
     def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentOutcome: ...
 
-    def find_payment_intent(self, *, customer_id: str, attempt_id: int) -> PaymentOutcome | None: ...
+    def find_payment_intent(self, *, customer_id: str, attempt_id: int,
+                            attempt_key: str | None = None) -> PaymentOutcome | None: ...
 
 
 @runtime_checkable
@@ -159,3 +160,15 @@ class PaymentGateway(ChargeGateway, Protocol):
     def retrieve_payment_method(self, payment_method_id: str) -> CardDetails: ...
 
     def attach_payment_method(self, payment_method_id: str, customer_id: str) -> CardDetails: ...
+
+    def list_events(self, *, types: tuple[str, ...], created_gte: int | None = None,
+                    delivery_success: bool | None = None, starting_after: str | None = None) -> EventPage: ...
+
+
+@dataclass(frozen=True)
+class EventPage:
+    """One page of Stripe's event list, newest first: the events as plain dicts (what a webhook delivery's
+    body parses to), and whether older ones follow (page on with ``starting_after`` = the last id)."""
+
+    events: list[dict]
+    has_more: bool

@@ -27,7 +27,7 @@ from billing import charging, dunning, metrics, ownership, state, stripe_gateway
 from billing.clock import utcnow
 from billing.db import unit_of_work
 from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Customer, Subscription
-from billing.outcomes import ChargeGateway, OutcomeKind, PaymentOutcome, TemporaryStripeError
+from billing.outcomes import ChargeGateway, OutcomeKind, PaymentOutcome, StripeRequestRefused, TemporaryStripeError
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +61,17 @@ def _unfinished_attempt():
 
 def requeue_stale(*, now: datetime, enqueue: charging.Enqueue, stale_after: timedelta = STALE_AFTER,
                   limit: int = 1000) -> list[int]:
-    """Pending charges nobody picked up, and processing charges whose attempt never finished."""
+    """Pending charges nobody picked up (the enqueue was lost, or the task failed before its claim: a
+    lost connection, an exhausted pool), and processing charges whose attempt never finished and whose
+    lease has lapsed (the worker died; billing.leases: a live lease is a worker still on it)."""
     cutoff = now - stale_after
+    lapsed = Charge.lease_expires_at.is_(None) | (Charge.lease_expires_at <= func.clock_timestamp())
     with unit_of_work() as uow:
         ids = list(uow.session.scalars(
             select(Charge.id).where(
                 Charge.updated_at < cutoff,
                 (Charge.status == ChargeStatus.pending)
-                | ((Charge.status == ChargeStatus.processing) & _unfinished_attempt()))
+                | ((Charge.status == ChargeStatus.processing) & _unfinished_attempt() & lapsed))
             .order_by(Charge.updated_at).limit(limit)))
         # Touch them so the next sweep gives this round's tasks time to run.
         charging.mark_touched(uow.session, ids, now)
@@ -83,7 +86,7 @@ def settle_processing(*, now: datetime, gateway: ChargeGateway | None = None, st
     cutoff = now - stale_after
     with unit_of_work() as uow:
         rows = uow.session.execute(
-            select(Charge.id, Charge.payment_intent_id, _processing_since()).where(
+            select(Charge.id, Charge.payment_intent_id, Charge.updated_at).where(
                 Charge.status == ChargeStatus.processing, Charge.updated_at < cutoff,
                 Charge.payment_intent_id.is_not(None), ~_unfinished_attempt())
             .order_by(Charge.updated_at).limit(limit)).all()
@@ -97,15 +100,25 @@ def settle_processing(*, now: datetime, gateway: ChargeGateway | None = None, st
         except TemporaryStripeError:
             log.warning("could not reach Stripe to settle a charge", extra={"charge_id": charge_id})
             continue
+        except Exception as exc:
+            # One PaymentIntent Stripe does not know (a restore onto another account, a switched key)
+            # must not stop the sweep for every charge after it: held for staff, the sweep goes on.
+            outcome = _unreadable(charge_id, pi_id, exc)
+            if outcome is None:
+                continue
         with unit_of_work() as uow:
             charge = uow.session.scalars(select(Charge).where(Charge.id == charge_id).with_for_update()).one()
-            if outcome.kind is OutcomeKind.processing and since is not None and now - since > PROCESSING_LIMIT:
+            if outcome.kind is OutcomeKind.processing and now - since > PROCESSING_LIMIT:
                 # Never settled: hold it for staff with the reason, instead of waiting forever.
                 charging.apply_outcome(uow.session, charge, PaymentOutcome(
                     OutcomeKind.refused, payment_intent_id=pi_id, error_code=PROCESSING_TIMEOUT,
                     message=f"still processing at Stripe after {PROCESSING_LIMIT}"), now=now)
                 settled.append(charge_id)
-            elif outcome.kind is OutcomeKind.processing or not _ours(uow.session, charge, outcome):
+            elif outcome.kind is OutcomeKind.processing:
+                # Not touched: updated_at stays the time the charge entered processing (the state
+                # machine stamps every move), which is what PROCESSING_LIMIT is measured from.
+                pass
+            elif not _ours(uow.session, charge, outcome):
                 charging.mark_touched(uow.session, [charge_id], now)
             elif charge.status == ChargeStatus.processing:
                 charging.apply_outcome(uow.session, charge, outcome, now=now)
@@ -128,30 +141,44 @@ def give_up_overdue(*, now: datetime, gateway: ChargeGateway | None = None, limi
             .order_by(Charge.give_up_at).limit(limit)).all()
     given_up = []
     for charge_id, pi_id in rows:
-        outcome = _current_outcome(pi_id, gateway)
-        if outcome is _UNREACHABLE:
-            continue  # asked again at the next sweep
-        with unit_of_work() as uow:
-            s = uow.session
-            charge = s.scalars(select(Charge).where(Charge.id == charge_id)
-                               .with_for_update(skip_locked=True)).first()
-            if charge is None or charge.status not in waiting:
-                continue
-            if outcome is not None and not _ours(s, charge, outcome):
-                outcome = None  # a payment that is not this charge's does not settle it
-            if outcome is not None and outcome.kind in (OutcomeKind.succeeded, OutcomeKind.processing):
-                charging.apply_outcome(s, charge, outcome, now=now)
-                uow.commit()
-                continue
-            decision = dunning.decide_give_up(charge.first_failed_at, now, config)
-            if decision is None:
-                continue
-            sub = s.get(Subscription, charge.subscription_id)
-            customer = s.get(Customer, sub.customer_id)
-            charging.apply_decision(s, charge, sub, customer, decision, now=now, number=charge.attempts or 1)
-            uow.commit()
-            given_up.append(charge_id)
+        try:
+            given_up.extend(_give_up_one(charge_id, pi_id, now=now, gateway=gateway, config=config, waiting=waiting))
+        except Exception:
+            # One bad row never stops the sweep (practice 8); it is tried again at the next one.
+            log.exception("could not give a charge up", extra={"charge_id": charge_id})
     return given_up
+
+
+def _give_up_one(charge_id: int, pi_id: str | None, *, now: datetime, gateway, config, waiting) -> list[int]:
+    """One charge past its horizon: settled if Stripe says it was paid after all, held for staff if
+    Stripe does not know its PaymentIntent, else given up. Returns ``[charge_id]`` when given up."""
+    outcome = _current_outcome(pi_id, gateway)
+    if outcome is _UNREACHABLE:
+        return []  # asked again at the next sweep
+    if isinstance(outcome, Exception):
+        outcome = _unreadable(charge_id, pi_id, outcome)
+        if outcome is None:
+            return []
+    with unit_of_work() as uow:
+        s = uow.session
+        charge = s.scalars(select(Charge).where(Charge.id == charge_id).with_for_update(skip_locked=True)).first()
+        if charge is None or charge.status not in waiting:
+            return []
+        if outcome is not None and outcome.kind is not OutcomeKind.refused and not _ours(s, charge, outcome):
+            outcome = None  # a payment that is not this charge's does not settle it
+        if outcome is not None and outcome.kind in (OutcomeKind.succeeded, OutcomeKind.processing,
+                                                    OutcomeKind.refused):
+            charging.apply_outcome(s, charge, outcome, now=now)
+            uow.commit()
+            return []
+        decision = dunning.decide_give_up(charge.first_failed_at, now, config)
+        if decision is None:
+            return []
+        sub = s.get(Subscription, charge.subscription_id)
+        customer = s.get(Customer, sub.customer_id)
+        charging.apply_decision(s, charge, sub, customer, decision, now=now, number=charge.attempts or 1)
+        uow.commit()
+    return [charge_id]
 
 
 _UNREACHABLE = object()
@@ -161,10 +188,19 @@ PROCESSING_LIMIT = timedelta(days=3)
 PROCESSING_TIMEOUT = "processing_timeout"
 
 
-def _processing_since():
-    """When the charge's latest attempt started (how long it has been processing)."""
-    return (select(func.max(Attempt.started_at)).where(Attempt.charge_id == Charge.id)
-            .correlate(Charge).scalar_subquery())
+def _unreadable(charge_id: int, payment_intent_id: str | None, exc: Exception) -> PaymentOutcome | None:
+    """A PaymentIntent Stripe refuses to show us: the charge is held for staff (``needs_review``)
+    when Stripe says it does not exist; any other error is logged and the row left for next time."""
+    metrics.observe_reconciler_error(type(exc).__name__)
+    if isinstance(exc, StripeRequestRefused):
+        log.error("Stripe does not know a charge's PaymentIntent; held for staff",
+                  extra={"charge_id": charge_id, "payment_intent_id": payment_intent_id, "code": exc.code})
+        return PaymentOutcome(OutcomeKind.refused, payment_intent_id=payment_intent_id,
+                              error_code=exc.code or "resource_missing",
+                              message="Stripe refused to show this PaymentIntent")
+    log.exception("could not read a charge's PaymentIntent; left for the next sweep",
+                  extra={"charge_id": charge_id, "payment_intent_id": payment_intent_id})
+    return None
 
 
 def _ours(s, charge: Charge, outcome) -> bool:
@@ -187,3 +223,5 @@ def _current_outcome(payment_intent_id: str | None, gateway):
     except TemporaryStripeError:
         log.warning("could not reach Stripe before giving a charge up", extra={"payment_intent_id": payment_intent_id})
         return _UNREACHABLE
+    except Exception as exc:  # handed to _unreadable by the caller, per row
+        return exc

@@ -109,6 +109,25 @@ def move_charge(charge: Charge, wanted: ChargeStatus | str, *, now: datetime) ->
     return changed
 
 
+def sources(wanted: ChargeStatus | str) -> list[str]:
+    """The statuses a charge may move to ``wanted`` from (itself included), read off
+    :data:`CHARGE_TRANSITIONS`: what a set-based move puts in its ``WHERE status = ANY(…)``."""
+    wanted = ChargeStatus(wanted)
+    return sorted(s.value for s in ChargeStatus if can_move(s, wanted))
+
+
+# :func:`move_charge` as SQL, for the charge path's single-statement writes: the same columns, the same
+# rule for ``paid_at``. The statement must also say ``WHERE status = ANY(:move_sources)`` (:func:`sources`),
+# so a move the table refuses changes no row. Parameters: :func:`move_params`.
+MOVE_CHARGE_SET_SQL = ("status = CAST(:move_to AS varchar), updated_at = :move_now, paid_at = CASE "
+                       "WHEN CAST(:move_to AS varchar) = 'paid' AND status <> 'paid' THEN :move_now ELSE paid_at END")
+
+
+def move_params(wanted: ChargeStatus | str, *, now: datetime) -> dict:
+    wanted = ChargeStatus(wanted)
+    return {"move_to": wanted.value, "move_now": now, "move_sources": sources(wanted)}
+
+
 # --- subscriptions --------------------------------------------------------------------------------
 
 def derive_subscription_status(*, canceled: bool, open_failure: bool, given_up: bool,
@@ -124,20 +143,71 @@ def derive_subscription_status(*, canceled: bool, open_failure: bool, given_up: 
     return SubscriptionStatus.active
 
 
+def is_open_failure(status: str, first_failed_at: datetime | None, last_error_code: str | None) -> bool:
+    """A charge that is waiting on someone after a failure, or a retry of one still in flight. A
+    refusal held for staff sets no ``first_failed_at`` (the customer's dunning clock never started)
+    but does record its ``last_error_code``, so a staff retry of it in flight is a failure too."""
+    if status in WAITING:
+        return True
+    return status in IN_FLIGHT and (first_failed_at is not None or last_error_code is not None)
+
+
 def _facts(s: Session, sub_id: int) -> tuple[bool, bool]:
     """(an open failure, a given-up charge not superseded by a later paid or void period)."""
     later = aliased(Charge)
     rows = s.execute(
-        select(Charge.status, Charge.first_failed_at).where(
+        select(Charge.status, Charge.first_failed_at, Charge.last_error_code).where(
             Charge.subscription_id == sub_id,
             Charge.status.in_([*(v.value for v in OPEN), _UNC.value]),
             ~exists().where(and_(later.subscription_id == Charge.subscription_id,
                                  later.period_index > Charge.period_index,
                                  later.status.in_([_PAID.value, _VOID.value]))) | (Charge.status != _UNC.value))
     ).all()
-    open_failure = any(status in WAITING or (status in IN_FLIGHT and failed is not None) for status, failed in rows)
-    given_up = any(status == _UNC for status, _ in rows)
+    open_failure = any(is_open_failure(status, failed, code) for status, failed, code in rows)
+    given_up = any(status == _UNC for status, _, _ in rows)
     return open_failure, given_up
+
+
+# What a subscription's *other* charges say, gathered in the statement that moves one charge (the charge
+# path's apply): that charge's new status is not visible to the statement that writes it, so it is
+# combined in Python by :func:`facts_with`. Parameters: ``:facts_sub`` (the subscription), ``:facts_charge``.
+OTHER_CHARGES_FACTS_SQL = f"""
+    SELECT coalesce(bool_or(o.status = ANY(ARRAY[{", ".join(f"'{v.value}'" for v in sorted(WAITING))}])
+                            OR (o.status = ANY(ARRAY[{", ".join(f"'{v.value}'" for v in sorted(IN_FLIGHT))}])
+                                AND (o.first_failed_at IS NOT NULL OR o.last_error_code IS NOT NULL))),
+                    false) AS others_open_failure,
+           max(o.period_index) FILTER (WHERE o.status = '{_UNC.value}' AND NOT EXISTS (
+               SELECT 1 FROM charges l WHERE l.subscription_id = o.subscription_id AND l.id <> :facts_charge
+                 AND l.period_index > o.period_index
+                 AND l.status IN ('{_PAID.value}', '{_VOID.value}'))) AS others_given_up_index,
+           max(o.period_index) FILTER (WHERE o.status IN ('{_PAID.value}', '{_VOID.value}')) AS others_settled_index
+    FROM charges o WHERE o.subscription_id = :facts_sub AND o.id <> :facts_charge"""
+
+
+def facts_with(*, others_open_failure: bool, others_given_up_index: int | None, others_settled_index: int | None,
+               status: ChargeStatus | str, first_failed_at: datetime | None, period_index: int,
+               last_error_code: str | None = None) -> tuple[bool, bool]:
+    """:func:`_facts` for a subscription, from :data:`OTHER_CHARGES_FACTS_SQL` plus one charge's new
+    status (the same rule: :func:`is_open_failure`; a given-up charge no later paid or void period
+    supersedes)."""
+    status = ChargeStatus(status)
+    open_failure = others_open_failure or is_open_failure(status, first_failed_at, last_error_code)
+    supersedes = status in (_PAID, _VOID)
+    given_up = (others_given_up_index is not None
+                and not (supersedes and period_index > others_given_up_index))
+    if status == _UNC and not (others_settled_index is not None and others_settled_index > period_index):
+        given_up = True
+    return open_failure, given_up
+
+
+def subscription_status_with(sub_status: str, canceled_at: datetime | None, open_failure: bool, given_up: bool,
+                             final_status: SubscriptionStatus | None = None) -> SubscriptionStatus:
+    """What :func:`refresh_subscription` would set, from facts already gathered (no query)."""
+    if final_status is None:
+        final_status = SubscriptionStatus(get_settings().final_subscription_status)
+    canceled = canceled_at is not None or sub_status == SubscriptionStatus.canceled
+    return derive_subscription_status(canceled=canceled, open_failure=open_failure, given_up=given_up,
+                                      final_status=final_status)
 
 
 def refresh_subscription(s: Session, sub: Subscription, *, now: datetime,

@@ -26,12 +26,16 @@ import random
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import quote
 
+import requests
 import stripe
+from requests.adapters import HTTPAdapter
 
 from billing import installation, metrics, ownership
 from billing.outcomes import (
     CardDetails,
+    EventPage,
     OutcomeKind,
     PaymentGateway,
     PaymentIntentView,
@@ -170,6 +174,18 @@ def intent_view(pi: Any) -> PaymentIntentView:
         setup_future_usage=pi.get("setup_future_usage"))
 
 
+def _rate_limited_reason(exc: stripe.StripeError, endpoint: str) -> str | None:
+    """For a 429, which of Stripe's limiters refused the request, as its ``Stripe-Rate-Limited-Reason``
+    header says (``global-rate``, ``endpoint-rate``, ``global-concurrency``, ``endpoint-concurrency``,
+    ``resource-specific``; none on a ``lock_timeout``), counted by reason. The shared limiter should
+    leave none of these: a count says which budget to look at. https://docs.stripe.com/rate-limits"""
+    if getattr(exc, "http_status", None) != 429:
+        return None
+    headers = getattr(exc, "headers", None) or {}
+    reason = next((v for k, v in headers.items() if k.lower() == "stripe-rate-limited-reason"), None)
+    return metrics.observe_rate_limited_reason(endpoint, reason)
+
+
 def _replayed(exc: stripe.StripeError) -> bool:
     """Stripe saved this error under the key and answered it again (``Idempotent-Replayed: true``)."""
     headers = getattr(exc, "headers", None) or {}
@@ -209,6 +225,25 @@ def _setup_result(si: Any, error: dict | None = None) -> SetupResult:
     )
 
 
+def _http_session(api_base: str) -> requests.Session:
+    """One HTTP session for every thread (its connection pool is thread-safe), reading the proxy
+    settings of the environment once, for the one host it talks to. requests would otherwise walk
+    the whole environment on every request (HTTP(S)_PROXY, NO_PROXY, CA bundles): about a sixth of a
+    charge's CPU. Stripe's client passes its own CA bundle, so none is read from the environment."""
+    session = requests.Session()
+    session.proxies = requests.utils.get_environ_proxies(api_base)
+    session.trust_env = False
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=HTTP_POOL_SIZE)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+# Kept-alive connections to Stripe per process: room for a worker's threads (more are opened, and
+# closed after use, when a burst exceeds it).
+HTTP_POOL_SIZE = 256
+
+
 class StripeGateway:
     def __init__(self, *, api_key: str, api_base: str, limiter: Limiter | None = None,
                  timeout: float = 30.0, max_sends: int = 4, backoff_base: float = 0.5,
@@ -217,7 +252,7 @@ class StripeGateway:
             api_key,
             base_addresses={"api": api_base},
             max_network_retries=0,
-            http_client=stripe.RequestsClient(timeout=(5, timeout)),
+            http_client=stripe.RequestsClient(timeout=(5, timeout), session=_http_session(api_base)),
         )
         self._limiter = limiter
         self._max_sends = max_sends
@@ -243,19 +278,27 @@ class StripeGateway:
                 raise TemporaryStripeError(f"{endpoint}: idempotency key used with other parameters",
                                            replayed=True) from exc
             except stripe.StripeError as exc:
+                limited_by = _rate_limited_reason(exc, endpoint)
                 if not _is_temporary(exc):
                     raise
                 replayed = _replayed(exc)
                 log.warning("temporary Stripe error" + (" replayed for this key" if replayed else
                                                         ", resending with the same key"),
                             extra={"endpoint": endpoint, "http_status": getattr(exc, "http_status", None),
-                                   "code": getattr(exc, "code", None), "send": attempt})
+                                   "code": getattr(exc, "code", None), "send": attempt,
+                                   "rate_limited_reason": limited_by})
                 if attempt == self._max_sends or replayed:
                     raise TemporaryStripeError(f"{endpoint}: {type(exc).__name__} {exc.http_status or ''}",
                                                replayed=replayed) from exc
                 # Full jitter: spread the resends of many workers instead of stampeding together.
                 self._sleep(random.uniform(0, self._backoff_base * 2 ** (attempt - 1)))
         raise AssertionError("unreachable")
+
+    def _raw(self, method: str, path: str, params: dict, options: dict) -> dict:
+        """The request, its JSON answer as a plain dict: the charge path reads a few fields, so the
+        SDK's StripeObject tree (a tenth of a charge's CPU) is not built. Errors are the SDK's own
+        exceptions, as with the typed services. https://github.com/stripe/stripe-python#custom-requests"""
+        return self._client.raw_request(method, path, **params, **options).data
 
     # --- charging --------------------------------------------------------------------------------
 
@@ -271,12 +314,13 @@ class StripeGateway:
         if mandate_id:
             params["mandate"] = mandate_id
         outcome = self._payment_call("POST /v1/payment_intents",
-                                     lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key)
+                                     lambda o: self._raw("post", "/v1/payment_intents", params, o), idempotency_key)
         if (outcome.is_failure and outcome.payment_intent_id is None and "attempt_id" in metadata
                 and outcome.kind is not OutcomeKind.refused):
             # A decline that did not name its PaymentIntent: find it, so the period's retries
             # re-confirm that one instead of creating another.
-            found = self.find_payment_intent(customer_id=customer_id, attempt_id=int(metadata["attempt_id"]))
+            found = self.find_payment_intent(customer_id=customer_id, attempt_id=int(metadata["attempt_id"]),
+                                             attempt_key=metadata.get("attempt_key"))
             if found is not None and self._sent_by_this_request(found, params, idempotency_key):
                 outcome = dataclasses.replace(outcome, payment_intent_id=found.payment_intent_id)
         return outcome
@@ -305,7 +349,8 @@ class StripeGateway:
             params["mandate"] = mandate_id
         outcome = self._payment_call(
             "POST /v1/payment_intents/:id/confirm",
-            lambda o: self._client.v1.payment_intents.confirm(payment_intent_id, params, o), idempotency_key)
+            lambda o: self._raw("post", f"/v1/payment_intents/{quote(payment_intent_id, safe='')}/confirm",
+                                params, o), idempotency_key)
         if outcome.kind is OutcomeKind.refused and outcome.error_code == "payment_intent_unexpected_state":
             # Already succeeded or processing (the customer paid on the recovery page meanwhile).
             return self.retrieve_payment_intent(payment_intent_id)
@@ -319,8 +364,9 @@ class StripeGateway:
         return outcome_from_payment_intent(pi)
 
     def retrieve_payment_intent(self, payment_intent_id: str) -> PaymentOutcome:
-        pi = self._send("GET /v1/payment_intents/:id",
-                        lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
+        """Raises :class:`~billing.outcomes.StripeRequestRefused` for one Stripe does not know."""
+        pi = self._refusable("GET /v1/payment_intents/:id",
+                             lambda o: self._client.v1.payment_intents.retrieve(payment_intent_id, None, o))
         return outcome_from_payment_intent(pi)
 
     def payment_intent_for_customer(self, payment_intent_id: str) -> PaymentIntentView:
@@ -353,15 +399,19 @@ class StripeGateway:
                              lambda o: self._client.v1.payment_intents.create(params, o), idempotency_key)
         return intent_view(pi)
 
-    def find_payment_intent(self, *, customer_id: str, attempt_id: int) -> PaymentOutcome | None:
+    def find_payment_intent(self, *, customer_id: str, attempt_id: int,
+                            attempt_key: str | None = None) -> PaymentOutcome | None:
         """The PaymentIntent an attempt created, found by our metadata when its id never reached us
         (a lost response, a crash, or keys pruned after 24 h). The list endpoint is read rather than
         Search because Search is eventually consistent and may miss a minute-old PaymentIntent.
         https://docs.stripe.com/search#data-freshness
 
-        One tagged by another installation on the account (its attempt ids repeat ours) is passed
-        over and counted; what is returned is still only a claim, which the caller checks with
-        :mod:`billing.ownership` before applying it."""
+        One tagged by another installation on the account (its attempt ids repeat ours), or carrying
+        another ``attempt_key`` (a restored database's twin of this attempt id), is passed over and
+        counted, so a twin never hides the attempt's own PaymentIntent — which would make a resumed
+        attempt send its create again and, once Stripe has pruned the key, charge the period twice.
+        What is returned is still only a claim, which the caller checks with :mod:`billing.ownership`
+        before applying it."""
         def newest(params: dict) -> list[dict]:
             return self._send("GET /v1/payment_intents",
                               lambda o: self._client.v1.payment_intents.list(params, o)).get("data", [])
@@ -381,6 +431,11 @@ class StripeGateway:
             tag = meta.get(installation.METADATA_KEY)
             if tag is not None and tag != installation.installation_id():
                 ownership.reject(ownership.Verdict(False, "installation"), source=ownership.SEARCH,
+                                 payment_intent_id=pi.get("id"), attempt_id=attempt_id)
+                continue
+            key = meta.get("attempt_key")
+            if attempt_key is not None and key is not None and key != attempt_key:
+                ownership.reject(ownership.Verdict(False, "attempt"), source=ownership.SEARCH,
                                  payment_intent_id=pi.get("id"), attempt_id=attempt_id)
                 continue
             return outcome_from_payment_intent(pi)
@@ -437,6 +492,25 @@ class StripeGateway:
                                                                          {"customer": customer_id}, o),
                         idempotency_key=f"attach-{payment_method_id}-{customer_id}")
         return _card_details(pm)
+
+    # --- events ----------------------------------------------------------------------------------------
+
+    def list_events(self, *, types: tuple[str, ...], created_gte: int | None = None,
+                    delivery_success: bool | None = None, starting_after: str | None = None) -> EventPage:
+        """One page (100, newest first) of the events of ``types``, for the backfill of missed webhooks.
+        Stripe lists events of the last 30 days; ``delivery_success=False`` keeps those still pending or
+        failed at one of the account's webhook endpoints. https://docs.stripe.com/api/events/list,
+        https://docs.stripe.com/webhooks/process-undelivered-events"""
+        params: dict[str, Any] = {"types": list(types), "limit": 100}
+        if created_gte is not None:
+            params["created"] = {"gte": int(created_gte)}
+        if delivery_success is not None:
+            params["delivery_success"] = delivery_success
+        if starting_after:
+            params["starting_after"] = starting_after
+        # Refused (a server without the event list, a filter it does not know): StripeRequestRefused.
+        page = self._refusable("GET /v1/events", lambda o: self._client.v1.events.list(params, o))
+        return EventPage(events=list(page.get("data") or []), has_more=bool(page.get("has_more")))
 
 
 def build_gateway(settings: Settings, limiter: Limiter | None = None) -> StripeGateway:

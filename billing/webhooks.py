@@ -143,13 +143,37 @@ def _parse_header(header: str) -> tuple[int, list[str]]:
     return int(timestamps[0]), signatures
 
 
+def _storable(value: Any) -> bool:
+    """No NUL and no lone surrogate anywhere in the event's strings (keys included)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return False
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
+
+
 def _parse_event(payload: bytes) -> dict[str, Any]:
     try:
         event = json.loads(payload)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, nesting too deep
         raise WebhookError("invalid_json", "the body is not JSON") from None
     if not isinstance(event, dict):
         raise WebhookError("invalid_event", "the body is not a JSON object")
+    if not _storable(event):
+        # PostgreSQL's jsonb refuses NUL (\u0000) and text with lone surrogates: such an event could
+        # never be stored, so it is refused now rather than answered 503 and redelivered for 3 days.
+        raise WebhookError("invalid_event", "the event holds text that cannot be stored (NUL or a lone surrogate)")
     for field, limit in (("id", 64), ("type", 80)):
         value = event.get(field)
         if not isinstance(value, str) or not value:
@@ -425,13 +449,11 @@ def _not_ours(s: Session, row: WebhookEvent, charge: Charge, pi: dict[str, Any])
 
 
 def _attempt_in_flight(s: Session, charge_id: int) -> bool:
-    """An attempt has started and not finished, or a worker holds the charge's in-flight lock."""
+    """An attempt has started and not finished, or someone holds the charge's lease (billing.leases;
+    the caller holds the charge's row lock)."""
     unfinished = s.scalar(select(exists().where(Attempt.charge_id == charge_id,
                                                 Attempt.phase == AttemptPhase.started)))
-    if unfinished:
-        return True
-    with charging.in_flight(charge_id) as free:
-        return not free
+    return bool(unfinished) or charging.lease_held(s, charge_id)
 
 
 def _latest_attempt(s: Session, charge_id: int) -> Attempt | None:
@@ -638,3 +660,17 @@ _HANDLERS: dict[str, Handler] = {
     "payment_method.automatically_updated": _handle_pm_updated,
     "mandate.updated": _handle_mandate_updated,
 }
+
+
+# ------------------------------------------------------------------------------------ backfill
+
+# The event types processed here: what the backfill asks Stripe for (billing.backfill).
+HANDLED_TYPES: tuple[str, ...] = tuple(sorted(_HANDLERS))
+
+
+def accept_listed(event: dict[str, Any], *, enqueue: Callable[[int], None]) -> Accepted:
+    """:func:`accept` for an event read back from Stripe's event list rather than delivered: no signature to
+    check (it came over the authenticated API), the same checks on its shape as a delivered body, then the
+    same store (deduplicated by event id) and the same processing. Raises :class:`WebhookError` for an
+    event that could never be stored."""
+    return accept(_parse_event(json.dumps(event).encode()), enqueue=enqueue)

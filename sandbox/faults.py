@@ -14,8 +14,10 @@ order. API fault kinds:
                     connection is closed without a response
 * ``slow``          request processed, response held back ``delay_ms`` (client timeouts)
 
-Webhook fault kinds (rules with ``"target": "webhook"``): ``duplicate`` (delivered twice) and
-``reorder`` (held back ``delay_ms`` so later events overtake it).
+Webhook fault kinds (rules with ``"target": "webhook"``): ``duplicate`` (delivered twice),
+``reorder`` (held back ``delay_ms`` so later events overtake it) and ``drop`` (never delivered: the
+attempt is recorded as failed, no retry follows, and the event stays ``pending_webhooks`` > 0, so
+``GET /v1/events?delivery_success=false`` lists it — an endpoint Stripe gave up on).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 API_FAULTS = {"api_error", "rate_limit", "lock_timeout", "reset", "lose_response", "slow"}
-WEBHOOK_FAULTS = {"duplicate", "reorder"}
+WEBHOOK_FAULTS = {"duplicate", "reorder", "drop"}
 ALIASES = {"connection_reset": "reset", "500": "api_error", "429": "rate_limit", "timeout": "slow",
-           "delay": "slow", "lost_response": "lose_response"}
+           "delay": "slow", "lost_response": "lose_response", "drop_delivery": "drop"}
 Z99 = 2.3263478740408408  # standard normal 99th percentile
 
 

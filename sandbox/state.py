@@ -134,6 +134,8 @@ class State:
             for item in node["data"]:
                 self._expand_path(item, rest)
             return
+        if head not in node and node.get("object") in INCLUDABLE and head in INCLUDABLE[node["object"]]:
+            node[head] = _included(node, head)
         value = node.get(head)
         if isinstance(value, str):
             found = self.lookup(value)
@@ -152,7 +154,9 @@ class State:
         event = {
             "id": new_id("evt"),
             "object": "event",
+            "account": None,
             "api_version": API_VERSION,
+            "context": None,
             "created": self.now(),
             "data": {"object": copy.deepcopy(obj)},
             "livemode": False,
@@ -218,18 +222,23 @@ class State:
             "object": "customer",
             "address": params.get("address") or None,
             "balance": 0,
+            "business_name": params.get("business_name") or None,
             "created": self.now(),
             "currency": None,
+            "customer_account": None,
             "default_source": None,
             "delinquent": False,
             "description": params.get("description") or None,
+            "discount": None,
             "email": params.get("email") or None,
+            "individual_name": params.get("individual_name") or None,
             "invoice_prefix": secrets.token_hex(4).upper(),
             "invoice_settings": {"custom_fields": None, "default_payment_method": None, "footer": None,
                                  "rendering_options": None},
             "livemode": False,
             "metadata": self._metadata({}, params.get("metadata")),
             "name": params.get("name") or None,
+            "next_invoice_sequence": 1,
             "phone": params.get("phone") or None,
             "preferred_locales": [],
             "shipping": None,
@@ -321,8 +330,10 @@ class State:
             "card": self._card_object(number, exp_month, exp_year, card),
             "created": self.now(),
             "customer": None,
+            "customer_account": None,
             "livemode": False,
             "metadata": self._metadata({}, params.get("metadata")),
+            "radar_options": {},
             "type": "card",
         }
         bd = params.get("billing_details")
@@ -548,17 +559,22 @@ class State:
         si = {
             "id": sid,
             "object": "setup_intent",
+            "allowed_payment_method_types": None,
             "application": None,
+            "attach_to_self": None,
             "automatic_payment_methods": None,
             "cancellation_reason": None,
             "client_secret": f"{sid}_secret_{secrets.token_urlsafe(18)}",
             "created": self.now(),
             "customer": customer,
+            "customer_account": None,
             "description": params.get("description") or None,
+            "excluded_payment_method_types": None,
             "flow_directions": None,
             "last_setup_error": None,
             "latest_attempt": None,
             "livemode": False,
+            "managed_payments": None,
             "mandate": None,
             "metadata": self._metadata({}, params.get("metadata")),
             "next_action": None,
@@ -752,6 +768,7 @@ class State:
         pi = {
             "id": pid,
             "object": "payment_intent",
+            "allowed_payment_method_types": None,
             "amount": amount,
             "amount_capturable": 0,
             "amount_details": {"tip": {}},
@@ -767,18 +784,25 @@ class State:
             "created": self.now(),
             "currency": currency,
             "customer": customer,
+            "customer_account": None,
             "description": params.get("description") or None,
+            "excluded_payment_method_types": None,
+            "hooks": None,
             "last_payment_error": None,
             "latest_charge": None,
             "livemode": False,
+            "managed_payments": None,
             "metadata": self._metadata({}, params.get("metadata")),
             "next_action": None,
             "on_behalf_of": None,
+            "payment_details": None,
             "payment_method": pm["id"] if pm else None,
             "payment_method_configuration_details": None,
             "payment_method_options": {"card": {"installments": None, "mandate_options": None,
                                                 "network": None, "request_three_d_secure": "automatic"}},
             "payment_method_types": ["card"],
+            "payment_record": None,
+            "presentment_details": None,
             "processing": None,
             "receipt_email": params.get("receipt_email") or None,
             "review": None,
@@ -909,18 +933,27 @@ class State:
             "amount": pi["amount"],
             "amount_captured": pi["amount"] if ok else 0,
             "amount_refunded": 0,
+            "application": None,
+            "application_fee": None,
+            "application_fee_amount": None,
+            "authorization_code": None,
             "balance_transaction": new_id("txn") if ok else None,
             "billing_details": copy.deepcopy(pm["billing_details"]),
+            "calculated_statement_descriptor": None,
             "captured": ok,
             "created": self.now(),
             "currency": pi["currency"],
             "customer": pi["customer"],
             "description": pi["description"],
             "disputed": False,
+            "failure_balance_transaction": None,
             "failure_code": None if ok else decline.code,
             "failure_message": None if ok else decline.message,
+            "fraud_details": {},
+            "level3": None,
             "livemode": False,
             "metadata": dict(pi["metadata"]),
+            "on_behalf_of": None,
             "outcome": outcome,
             "paid": ok,
             "payment_intent": pi["id"],
@@ -928,8 +961,22 @@ class State:
             "payment_method_details": {"card": {**{k: pm["card"][k] for k in (
                 "brand", "country", "exp_month", "exp_year", "fingerprint", "funding", "last4")},
                 "network": pm["card"]["brand"]}, "type": "card"},
+            "presentment_details": None,
+            "radar_options": None,
+            "receipt_email": pi["receipt_email"],
+            "receipt_number": None,
+            "receipt_url": None,
             "refunded": False,
+            "review": None,
+            "shipping": copy.deepcopy(pi["shipping"]),
+            "source": None,
+            "source_transfer": None,
+            "statement_descriptor": pi["statement_descriptor"],
+            "statement_descriptor_suffix": pi["statement_descriptor_suffix"],
             "status": "succeeded" if ok else "failed",
+            "transfer": None,
+            "transfer_data": None,
+            "transfer_group": pi["transfer_group"],
         }
         self.charges[cid] = ch
         pi["latest_charge"] = cid
@@ -1093,8 +1140,16 @@ class State:
         return ev
 
     def list_events(self, params: dict) -> list[dict]:
-        """https://docs.stripe.com/api/events/list (``type`` may end with ``.*``; ``types[]``)."""
+        """https://docs.stripe.com/api/events/list (``type`` may end with ``.*``; ``types[]``;
+        ``delivery_success``: false keeps the events still pending or failed at an endpoint, true those
+        delivered to every endpoint, by ``pending_webhooks``)."""
         out = [self.events[e] for e in self.event_order]
+        delivered = params.get("delivery_success")
+        if delivered not in (None, ""):
+            if str(delivered).lower() not in ("true", "false"):
+                raise invalid("Invalid boolean: delivery_success", param="delivery_success")
+            wanted = str(delivered).lower() == "true"
+            out = [e for e in out if (e.get("pending_webhooks", 0) == 0) == wanted]
         type_ = params.get("type")
         if type_:
             if type_.endswith(".*"):
@@ -1116,6 +1171,27 @@ class State:
 
 
 # ---------------------------------------------------------------------- module helpers
+# Fields Stripe leaves out of an object unless they are named in ``expand[]`` ("This field is not included
+# by default"; marked Expandable, and not an id, on https://docs.stripe.com/api/customers/object and
+# https://docs.stripe.com/api/charges/object). Nothing in the sandbox holds them, so expanded they are empty.
+INCLUDABLE: dict[str, frozenset[str]] = {
+    "customer": frozenset({"cash_balance", "invoice_credit_balance", "sources", "subscriptions", "tax", "tax_ids"}),
+    "charge": frozenset({"refunds"}),
+}
+
+
+def _included(obj: dict, field_: str) -> Any:
+    path = {"customer": "customers", "charge": "charges"}[obj["object"]]
+    if field_ in ("sources", "subscriptions", "tax_ids", "refunds"):
+        return {"object": "list", "data": [], "has_more": False, "url": f"/v1/{path}/{obj['id']}/{field_}"}
+    if field_ == "tax":
+        return {"automatic_tax": "unrecognized_location", "ip_address": None, "location": None}
+    if field_ == "cash_balance":
+        return {"object": "cash_balance", "available": None, "customer": obj["id"], "livemode": False,
+                "settings": {"reconciliation_mode": "automatic", "using_merchant_default": True}}
+    return {}  # invoice_credit_balance: no balance in any currency
+
+
 def _card_param_error(code: str, message: str, field_: str) -> StripeError:
     return StripeError(402, "card_error", message, code=code, param=field_)
 

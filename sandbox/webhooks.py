@@ -96,6 +96,9 @@ class Dispatcher:
         for ep in targets:
             copies, delay = 1, 0.0
             rule = self.faults.pick("webhook", "POST", ep.url, event["type"])
+            if rule is not None and rule.fault == "drop":
+                self._dropped(ep, event)
+                continue
             if rule is not None and rule.fault == "duplicate":
                 copies = 2
             elif rule is not None and rule.fault == "reorder":
@@ -104,6 +107,13 @@ class Dispatcher:
                 task = loop.create_task(self._deliver(ep, event, payload, delay))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+
+    def _dropped(self, ep: Endpoint, event: dict[str, Any]) -> None:
+        """A delivery given up on at once (the ``drop`` fault): it stays pending for that endpoint, as an
+        event Stripe stopped retrying does (https://docs.stripe.com/webhooks#retries)."""
+        self.deliveries.append({"event": event["id"], "type": event["type"], "endpoint": ep.id, "url": ep.url,
+                                "attempt": 1, "status": None, "error": "dropped by fault", "delivered": False,
+                                "at": time.time()})
 
     async def _deliver(self, ep: Endpoint, event: dict[str, Any], payload: str, delay: float) -> None:
         if delay:

@@ -62,10 +62,12 @@ class FakeGateway:
         self.by_key[idempotency_key] = outcome
         return outcome
 
-    def find_payment_intent(self, *, customer_id, attempt_id):
+    def find_payment_intent(self, *, customer_id, attempt_id, attempt_key=None):
         self.calls.append(("find", {"attempt_id": attempt_id}))
         for pi in self.intents.values():
-            if pi["metadata"].get("attempt_id") == str(attempt_id):
+            key = pi["metadata"].get("attempt_key")
+            same_attempt = pi["metadata"].get("attempt_id") == str(attempt_id)
+            if same_attempt and (attempt_key is None or key in (None, attempt_key)):
                 return pi["outcome"]
         return None
 

@@ -8,17 +8,30 @@ idempotency keys), so messages are acknowledged *after* the task ran (``task_ack
 that dies mid-task leaves its message to be delivered again instead of losing it.
 
 Beat: RedBeat keeps the schedule in Redis and holds a lock there, so any number of ``billing beat``
-processes may run (one per machine, for failover) and exactly one of them sends tasks.
+processes may run (one per machine, for failover) and exactly one of them sends tasks
+(:mod:`workers.beat`, which also waits out Redis outages instead of exiting).
+
+Dependencies restarting: the worker reconnects to Redis forever, with Celery's growing back-off
+(``broker_connection_max_retries=None``), and puts the messages it held back on the queue once it is
+connected again (:mod:`workers.broker`, which also works around a kombu defect that made the worker exit on
+a Redis restart). A PostgreSQL restart fails the tasks that were using it with a temporary database error,
+which :class:`workers.tasks.RetryingTask` retries. What the processes see is in their heartbeat files
+(:mod:`workers.health`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 
 from billing.ratelimit import resolve_broker_url
 from billing.settings import Settings, get_settings
+from workers import broker as broker_patches
+from workers import health
+
+broker_patches.apply_patches()
 
 # Redis has no real acknowledgements: a delivered message sits in an "unacked" hash and is put back
 # on the queue when it has not been acknowledged within the visibility timeout. That timeout has to
@@ -40,10 +53,13 @@ BEAT_MAX_LOOP_INTERVAL = 5
 BEAT_LOCK_TIMEOUT = 30
 BEAT_KEY_PREFIX = "billing:beat"
 BEAT_LOCK_KEY = f"{BEAT_KEY_PREFIX}:lock"
+BEAT_SCHEDULER = "workers.beat:BillingScheduler"
 
 RETRY_DUE_INTERVAL = 60.0
 RECONCILE_INTERVAL = 180.0
 RELAY_OUTBOX_INTERVAL = 10.0
+# Stripe events whose delivery failed, or newer than the newest we stored (billing.backfill).
+BACKFILL_EVENTS_INTERVAL = 300.0
 
 TASK_QUEUE = "billing"
 
@@ -60,6 +76,7 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
         "retry-due-charges": _periodic("workers.tasks.retry_due_charges", RETRY_DUE_INTERVAL),
         "reconcile": _periodic("workers.tasks.reconcile", RECONCILE_INTERVAL),
         "relay-outbox": _periodic("workers.tasks.relay_outbox", RELAY_OUTBOX_INTERVAL),
+        "backfill-events": _periodic("workers.tasks.backfill_events", BACKFILL_EVENTS_INTERVAL),
     }
 
 
@@ -69,7 +86,10 @@ def celery_config(settings: Settings | None = None) -> dict[str, Any]:
     return {
         "broker_url": broker,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        # A Redis restart, however long, is waited out (Celery backs off between tries); the worker never
+        # gives up and exits because a dependency is down.
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT, **broker_patches.BROKER_SOCKET_OPTIONS},
         # Nothing reads task results: progress lives in the database (charges, attempts, outbox).
         "result_backend": None,
         "task_ignore_result": True,
@@ -91,16 +111,50 @@ def celery_config(settings: Settings | None = None) -> dict[str, Any]:
         "worker_pool": "threads",
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_send_task_events": False,
-        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_scheduler": BEAT_SCHEDULER,
         "beat_max_loop_interval": BEAT_MAX_LOOP_INTERVAL,
         "beat_schedule": beat_schedule(settings),
         "redbeat_redis_url": broker,
-        "redbeat_redis_options": {},
+        # Bounded waits on the beat's own Redis client: a hung Redis is an error beat backs off from.
+        "redbeat_redis_options": {"socket_timeout": 10, "socket_connect_timeout": 5},
         "redbeat_key_prefix": BEAT_KEY_PREFIX,
         "redbeat_lock_key": BEAT_LOCK_KEY,
         "redbeat_lock_timeout": BEAT_LOCK_TIMEOUT,
     }
 
 
+class ConsumerHealth(bootsteps.StartStopStep):
+    """Runs each time the worker's consumer has (re)connected to the broker, and when it loses it: puts back
+    the messages whose restore failed while Redis was down, and tells the heartbeat (workers.health)."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, parent, **kwargs):
+        super().__init__(parent, **kwargs)
+        self._timer = None
+
+    def start(self, c):
+        try:
+            broker_patches.restore_deferred(c.connection)
+        except Exception:
+            logging.getLogger(__name__).exception("could not put delivered messages back on the queue")
+        beat = health.WorkerHeartbeat.current
+        if beat is not None:
+            beat.consumer_started()
+            # Turns with the event loop: a heartbeat whose loop stops turning is a stuck worker.
+            self._timer = c.timer.call_repeatedly(1.0, beat.loop_turned)
+
+    def stop(self, c):
+        beat = health.WorkerHeartbeat.current
+        if beat is not None:
+            beat.consumer_stopped()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    shutdown = stop
+
+
 app = Celery("billing", include=["workers.tasks"])
 app.add_defaults(celery_config)
+app.steps["consumer"].add(ConsumerHealth)

@@ -12,6 +12,7 @@ type, route and code location only, never its message or traceback text, which m
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -99,17 +100,36 @@ def _log_unhandled(request: Request, exc: Exception) -> None:
 def _check_database() -> None:
     from sqlalchemy import text
 
-    from billing.db import get_engine
+    from billing.db import get_engine, retry_on_disconnect
 
-    with get_engine().connect() as conn:
-        conn.execute(text("SELECT 1"))
+    def select_one() -> None:
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    # After PostgreSQL restarted, the pooled connections are dead: the first statement invalidates them and
+    # a fresh connection answers, so a healthy database is reported healthy at once.
+    retry_on_disconnect(select_one, tries=2)
+
+
+HEALTH_CHECK_TIMEOUT = 3
+
+
+@functools.cache
+def _health_redis(url: str):
+    """One client for every health check (a client per call would open a connection per probe), with short
+    timeouts: a Redis that hangs is reported down within seconds rather than hanging the probe."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=HEALTH_CHECK_TIMEOUT,
+                                socket_connect_timeout=HEALTH_CHECK_TIMEOUT)
 
 
 def _check_redis() -> None:
-    from billing.ratelimit import redis_client_for, resolve_broker_url
+    """PING; a Redis still loading its data after a restart answers ``BusyLoadingError``: down, for now."""
+    from billing.ratelimit import resolve_broker_url
     from billing.settings import get_settings
 
-    redis_client_for(resolve_broker_url(get_settings())).ping()
+    _health_redis(resolve_broker_url(get_settings())).ping()
 
 
 def _add_docs(app: FastAPI) -> None:
@@ -170,7 +190,8 @@ def create_app() -> FastAPI:
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> JSONResponse:
-        """200 when the database and Redis answer, else 503 naming what failed."""
+        """200 when PostgreSQL and Redis answer, else 503 naming what failed (each check is tried afresh on
+        every call: a restarted dependency is reported up again as soon as it answers)."""
         checks: dict[str, str] = {}
         for name, check in (("database", _check_database), ("redis", _check_redis)):
             try:

@@ -18,6 +18,7 @@ from billing.models import Charge
 from billing.stripe_gateway import StripeGateway
 from tests import factories
 from tests.conformance.test_conformance import saved_card
+from tests.integration.billing_helpers import lease_runs_out
 
 pytestmark = pytest.mark.usefixtures("clean_db")
 
@@ -68,8 +69,10 @@ def test_lost_response_never_becomes_a_second_payment_intent(backend, session_fa
     # and the worker dies.
     claim = charging._claim(charge_id, datetime.now(UTC), manual=False)
     charging._call_stripe(gateway, claim)
-    # Whoever picks the charge up next resumes the attempt: it must find that PaymentIntent, not
-    # make another (localstripe ignores the idempotency key, so only the lookup prevents it).
+    lease_runs_out(charge_id)
+    # Whoever picks the charge up next (once the dead worker's lease has lapsed) resumes the attempt:
+    # it must find that PaymentIntent, not make another (localstripe ignores the idempotency key, so
+    # only the lookup prevents it).
     assert charging.process_charge(charge_id, gateway=gateway) == "paid"
     intents = payment_intents_of(backend, customer_id)
     assert len(intents) == 1 and intents[0].status == "succeeded"

@@ -221,7 +221,7 @@ def test_refused_actions_change_nothing_and_write_no_audit(console, seeded, jobs
         assert uow.session.scalars(select(AuditEntry)).all() == []
     assert jobs.calls == []
     # A charge being attempted right now is left alone.
-    with charging.in_flight(ada) as ours:
+    with charging.lease(ada) as ours:
         assert ours
         with pytest.raises(finance.ActionRefused, match="running"):
             finance.perform("void", ada, actor="x@example.com", reason="r", jobs=jobs)

@@ -67,3 +67,16 @@ def api_key_headers(scope: str = "write") -> dict[str, str]:
 
     created = apikeys.create(f"test-{scope}-{uuid.uuid4().hex[:12]}", scope)
     return {"Authorization": f"Bearer {created.key}"}
+
+
+def lease_runs_out(charge_id: int) -> None:
+    """The worker holding the charge's lease died ``LEASE_SECONDS`` ago: its lease has lapsed (what
+    the clock would do, without the wait)."""
+    from sqlalchemy import text
+
+    from billing.db import unit_of_work
+
+    with unit_of_work() as uow:
+        uow.session.execute(text("UPDATE charges SET lease_expires_at = clock_timestamp() - interval '1 second' "
+                                 "WHERE id = :id AND lease_expires_at IS NOT NULL"), {"id": charge_id})
+        uow.commit()

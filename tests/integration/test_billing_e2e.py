@@ -16,7 +16,7 @@ from sqlalchemy import select
 from billing import charging, notifications, reconciler
 from billing.models import Attempt, Charge, Customer, PaymentMethod
 from billing.stripe_gateway import get_gateway
-from tests.integration.billing_helpers import SETTLED, enqueue, enrol
+from tests.integration.billing_helpers import SETTLED, enqueue, enrol, lease_runs_out
 from tests.integration.conftest import ROOT, billing_command, wait_until
 
 pytestmark = pytest.mark.usefixtures("clean_db")
@@ -102,6 +102,10 @@ def test_worker_killed_after_stripe_processed_then_restarted_charges_once(app_en
     sandbox.control.clear_faults()
 
     worker.start()
+    # While the dead worker's lease is live the sweep leaves the charge alone; it lapses 30 s after
+    # the last renewal (billing.leases), which the test does not wait for.
+    assert reconciler.sweep(now=datetime.now(UTC) + timedelta(minutes=10), enqueue=enqueue).requeued == []
+    lease_runs_out(charge_id)
     # The killed worker's message comes back only after the visibility timeout; the reconciler is
     # what notices the unfinished attempt and enqueues the charge again.
     report = reconciler.sweep(now=datetime.now(UTC) + timedelta(minutes=10), enqueue=enqueue)

@@ -16,6 +16,7 @@ from billing.models import Attempt, AttemptPhase, Charge, ChargeStatus, Notifica
 from billing.outcomes import TemporaryStripeError
 from tests import factories
 from tests.fakes import FakeGateway, auth_required, declined
+from tests.integration.billing_helpers import lease_runs_out
 
 NOW = datetime(2026, 3, 31, 12, 0, tzinfo=UTC)
 
@@ -106,6 +107,9 @@ def test_crash_after_claim_resumes_with_same_key_and_looks_up_first(sub_id, sess
     [charge_id] = charging.run_due(now=NOW, enqueue=lambda _id: None).created
     claim = charging._claim(charge_id, NOW, manual=False)  # the worker dies right after this commit
     assert one_charge(session_factory).status == ChargeStatus.processing
+    # Its lease is live: a second delivery leaves the charge alone, and sends nothing.
+    assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "busy" and gw.calls == []
+    lease_runs_out(charge_id)
     assert charging.process_charge(charge_id, gateway=gw, now=NOW) == "paid"
     assert [c[0] for c in gw.calls] == ["find", "create"]
     assert gw.calls[1][1]["key"] == claim.idempotency_key
@@ -132,6 +136,9 @@ def test_crash_after_stripe_before_apply_is_settled_by_the_reconciler(sub_id, se
     charging._call_stripe(gw, claim)  # charged at Stripe; the worker dies before recording it
     enqueued: list[int] = []
     later = NOW + timedelta(minutes=10)
+    # While its lease is live the worker may still be on it: not sent again.
+    assert reconciler.sweep(now=later, enqueue=enqueued.append, gateway=gw).requeued == []
+    lease_runs_out(charge_id)
     report = reconciler.sweep(now=later, enqueue=enqueued.append, gateway=gw)
     assert report.requeued == [charge_id] == enqueued
     assert charging.process_charge(charge_id, gateway=gw, now=later) == "paid"

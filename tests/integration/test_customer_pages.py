@@ -226,7 +226,7 @@ def test_concurrent_page_returns_and_a_staff_retry_apply_the_payment_once(pages_
 def test_page_return_leaves_a_busy_charge_to_the_webhook(pages_env, sandbox, session_factory):
     charge_id, token = _waiting_charge(sandbox, "pm_card_authenticationRequired")
     _pay_in_browser(sandbox, customer_pages.open_recovery(token))
-    with charging.in_flight(charge_id) as ours:
+    with charging.lease(charge_id) as ours:
         assert ours
         out = customer_pages.complete_recovery(token)
     assert out.busy and not out.paid

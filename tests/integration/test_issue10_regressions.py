@@ -475,7 +475,7 @@ def test_bug8_a_lost_or_busy_staff_retry_is_sent_again_until_an_attempt_claims_i
     assert retry_sweep(asked + charging.RETRY_REQUEST_GRACE + timedelta(seconds=1)) == [charge_id]
 
     # Busy: the re-sent task finds another process on the charge, and leaves.
-    with charging.in_flight(charge_id) as ours:
+    with charging.lease(charge_id) as ours:
         assert ours
         assert charging.process_charge(charge_id, gateway=gw, manual=True) == "busy"
     assert retry_sweep(asked + 2 * charging.RETRY_REQUEST_GRACE) == [charge_id]

@@ -40,7 +40,7 @@ from billing.outcomes import TemporaryStripeError
 from billing.stripe_gateway import get_gateway
 from tests import factories
 from tests.fakes import FakeGateway, declined
-from tests.integration.billing_helpers import SETTLED, charge_statuses, enqueue, enrol
+from tests.integration.billing_helpers import SETTLED, charge_statuses, enqueue, enrol, lease_runs_out
 from tests.integration.conftest import wait_until
 from tests.stripe_events import event
 
@@ -245,6 +245,7 @@ def test_key_already_used_with_other_parameters_moves_on_to_a_new_key(app_env, s
         customer = s.scalars(select(Customer)).one().stripe_customer_id
     stripe_client(sandbox).v1.customers.update(customer, {"name": "someone else's request"},
                                                {"idempotency_key": claim.idempotency_key})
+    lease_runs_out(charge_id)
     with pytest.raises(TemporaryStripeError):
         charging.process_charge(charge_id)  # resumes: nothing found by metadata, the key is refused
     assert get_charge(session_factory, charge_id).status == ChargeStatus.pending
@@ -390,14 +391,13 @@ def test_failure_reported_by_task_and_webhook_is_emailed_once(app_env, smtp_serv
         except webhooks.EventDeferred:
             processed.append("deferred")
 
-    with charging.in_flight(charge_id):
-        claim = charging._claim(charge_id, datetime.now(UTC), manual=False)
-        outcome = charging._call_stripe(gw, claim)  # Stripe has answered; its event goes out at once
-        failed = _pi_event("payment_intent.payment_failed", outcome.payment_intent_id, charge_id,
-                           "requires_payment_method", error)
-        if first == "webhook":
-            webhook(failed)  # arrives while the task is still between Stripe's answer and its commit
-        assert charging._finish(claim, outcome, datetime.now(UTC)) == "requires_payment_method"
+    claim = charging._claim(charge_id, datetime.now(UTC), manual=False)  # the attempt holds the lease
+    outcome = charging._call_stripe(gw, claim)  # Stripe has answered; its event goes out at once
+    failed = _pi_event("payment_intent.payment_failed", outcome.payment_intent_id, charge_id,
+                       "requires_payment_method", error)
+    if first == "webhook":
+        webhook(failed)  # arrives while the task is still between Stripe's answer and its commit
+    assert charging._finish(claim, outcome, datetime.now(UTC)) == "requires_payment_method"
     webhook(failed)  # the retried (or first) processing, after the attempt finished
     webhook(failed)  # a duplicate delivery
     assert processed[-2:] == ["unchanged", "already_processed"]  # the state already held it
@@ -427,15 +427,14 @@ def test_success_webhook_racing_the_charge_task_pays_once(app_env, session_facto
     gw = FakeGateway()
     [charge_id] = charging.run_due(enqueue=lambda _id: None).created
     results = []
-    with charging.in_flight(charge_id):
-        claim = charging._claim(charge_id, datetime.now(UTC), manual=False)
-        outcome = charging._call_stripe(gw, claim)
-        evt = _pi_event("payment_intent.succeeded", outcome.payment_intent_id, charge_id, "succeeded", None)
-        row = webhooks.accept(evt, enqueue=lambda _id: None).event_row_id
-        if first == "webhook":
-            with pytest.raises(webhooks.EventDeferred):
-                webhooks.process(row, gateway=gw)
-        results.append(charging._finish(claim, outcome, datetime.now(UTC)))
+    claim = charging._claim(charge_id, datetime.now(UTC), manual=False)  # the attempt holds the lease
+    outcome = charging._call_stripe(gw, claim)
+    evt = _pi_event("payment_intent.succeeded", outcome.payment_intent_id, charge_id, "succeeded", None)
+    row = webhooks.accept(evt, enqueue=lambda _id: None).event_row_id
+    if first == "webhook":
+        with pytest.raises(webhooks.EventDeferred):
+            webhooks.process(row, gateway=gw)
+    results.append(charging._finish(claim, outcome, datetime.now(UTC)))
     results.append(webhooks.process(row, gateway=gw))
     assert results == ["paid", "ignored"]
     # Redelivered task: nothing to do, nothing sent to Stripe.

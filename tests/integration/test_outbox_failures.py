@@ -321,7 +321,6 @@ def test_an_invalid_sender_tries_nothing(clean_db, session_factory, smtp_server,
     (NotificationKind.reminder, "authentication_required", "paid"),
     (NotificationKind.payment_failed, "requires_payment_method", "void"),
     (NotificationKind.final_notice, "uncollectible", "void"),
-    (NotificationKind.payment_failed, "requires_payment_method", "needs_review"),
 ])
 def test_an_email_about_a_charge_that_moved_on_is_dropped(clean_db, session_factory, smtp_server, kind, was,
                                                           now_is):
@@ -338,6 +337,26 @@ def test_an_email_about_a_charge_that_moved_on_is_dropped(clean_db, session_fact
     assert [r.status for r in rows(session_factory)] == ["dropped"]
     assert tokens(session_factory, charge_id) == 0
     assert smtp_server.messages == []
+
+
+def test_an_email_about_a_charge_held_for_staff_waits_and_goes_out_when_it_waits_on_the_customer_again(
+        clean_db, session_factory, smtp_server):
+    """Held for review (a staff retry that Stripe refused): the failure email is neither true nor false
+    yet, so it is kept, not dropped; once the charge waits on the customer again it is sent."""
+    charge_id, _ = make_charge(session_factory, status="requires_payment_method")
+    put(session_factory, charge_id, NotificationKind.payment_failed)
+    with session_factory() as s:
+        s.execute(text("UPDATE charges SET status = 'needs_review' WHERE id = :c"), {"c": charge_id})
+        s.commit()
+    now = utcnow() + timedelta(seconds=1)
+    held = relay_due(now=now, smtp_url=smtp_server.url, session_factory=session_factory)
+    assert (held.sent, held.dropped) == (0, 0)
+    assert [r.status for r in rows(session_factory)] == ["pending"] and smtp_server.messages == []
+    with session_factory() as s:
+        s.execute(text("UPDATE charges SET status = 'requires_payment_method' WHERE id = :c"), {"c": charge_id})
+        notifications.release_held(s, charge_id, now)
+        s.commit()
+    assert relay_due(now=now, smtp_url=smtp_server.url, session_factory=session_factory).sent == 1
 
 
 def test_a_failure_email_still_goes_out_while_a_retry_is_in_flight(clean_db, session_factory, smtp_server):

@@ -359,7 +359,7 @@ def test_webhook_during_the_attempt_is_left_to_it_and_sends_one_email(hook):
     hook.gateway.script = lambda pm: declined("insufficient_funds")
     # The attempt has called Stripe (whose event is already here) but not recorded the answer yet.
     evt = event("payment_intent.payment_failed", failed_pi("pi_fake_1", charge_id=cid))
-    with charging.in_flight(cid) as ours:
+    with charging.lease(cid) as ours:
         assert ours
         assert hook.post(evt).json() == {"received": True, "duplicate": False}
     assert hook.results == ["deferred"]
