@@ -227,6 +227,9 @@ class Claim:
     subscription_id: int = 0
     period_index: int = 0
     first_failed_at: datetime | None = None
+    # Set when an earlier try failed or was refused (a refusal sets no first_failed_at): such a charge's
+    # outcome takes the general apply path, which re-derives the subscription in full.
+    last_error_code: str | None = None
     failures: int = 0
 
 
@@ -345,7 +348,7 @@ _CHARGEABLE_SQL = f"""(
 _CLAIM = text(f"""
 WITH ch AS (
     SELECT ch.id, ch.subscription_id, ch.status, ch.attempts, ch.amount, ch.currency, ch.payment_intent_id,
-           ch.period_start, ch.period_index, ch.first_failed_at, ch.failures,
+           ch.period_start, ch.period_index, ch.first_failed_at, ch.failures, ch.last_error_code,
            {leases.free_sql("ch")} AS lease_free,
            {_CHARGEABLE_SQL} AS chargeable,
            ch.status = ANY(:move_sources) AS may_process
@@ -388,7 +391,8 @@ WITH ch AS (
 )
 SELECT EXISTS (SELECT 1 FROM charges WHERE id = :charge_id) AS present, ch.status, ch.lease_free, ch.chargeable,
        ch.may_process, ch.subscription_id, ch.amount, ch.currency, ch.payment_intent_id, ch.period_start,
-       ch.period_index, ch.first_failed_at, ch.failures, sub.status AS subscription_status, sub.stripe_customer_id,
+       ch.period_index, ch.first_failed_at, ch.failures, ch.last_error_code, sub.status AS subscription_status,
+       sub.stripe_customer_id,
        (SELECT count(*) FROM claimed) AS claimed, r.id IS NOT NULL AS resumed,
        coalesce(r.id, f.id) AS attempt_id, coalesce(r.number, f.number) AS attempt_number,
        coalesce(r.idempotency_key, f.idempotency_key) AS idempotency_key,
@@ -430,7 +434,8 @@ def _claim(charge_id: int, now: datetime, manual: bool) -> Claim | str:
                   "subscription_id": str(row.subscription_id), "period_start": row.period_start.isoformat(),
                   "installation": installation_id(), "attempt_key": row.idempotency_key},
         lease_token=token, manual=bool(row.manual), subscription_id=row.subscription_id,
-        period_index=row.period_index, first_failed_at=row.first_failed_at, failures=row.failures)
+        period_index=row.period_index, first_failed_at=row.first_failed_at, failures=row.failures,
+        last_error_code=row.last_error_code)
     log.info("charge claimed", extra={"charge_id": charge_id, "attempt_id": claim.attempt_id,
                                       "subscription_id": row.subscription_id,
                                       "attempt_number": claim.attempt_number, "resumed": claim.resumed})
@@ -531,7 +536,8 @@ def _simple(decision: dunning.Decision, claim: Claim) -> bool:
     never failed — what almost every charge ends as."""
     return (decision.notify is None and not decision.reminders and not decision.give_up and not decision.alert
             and decision.charge_status in (ChargeStatus.paid, ChargeStatus.processing)
-            and decision.first_failed_at is None and claim.first_failed_at is None)
+            and decision.first_failed_at is None and claim.first_failed_at is None
+            and claim.last_error_code is None)
 
 
 def _finish(claim: Claim, outcome: PaymentOutcome, now: datetime) -> str:
