@@ -39,6 +39,8 @@ if not os.environ.get("PYTHONPATH"):
 
 import psycopg  # noqa: E402
 
+from tests.scale import insert_enrolled_customer  # noqa: E402
+
 GOAL_ROUND_TRIPS = 4.0
 GOAL_CPU_MS = 4.0
 GOAL_RATE = 250.0
@@ -210,13 +212,7 @@ def seed(total: int, db_url: str) -> list[int]:
     ids = []
     with psycopg.connect(db_url.replace("+psycopg", "")) as conn, conn.cursor() as cur:
         for i, cus, pm, fp in rows:
-            cid = cur.execute("INSERT INTO customers (email, name, country, stripe_customer_id) "
-                              "VALUES (%s, %s, 'FR', %s) RETURNING id", (f"bench{i}@example.com", f"Bench {i}", cus)
-                              ).fetchone()[0]
-            pmid = cur.execute("INSERT INTO payment_methods (customer_id, stripe_payment_method_id, brand, last4, "
-                               "country, fingerprint, saved_at) VALUES (%s, %s, 'visa', '4242', 'US', %s, now()) "
-                               "RETURNING id", (cid, pm, fp)).fetchone()[0]
-            cur.execute("UPDATE customers SET default_payment_method_id = %s WHERE id = %s", (pmid, cid))
+            cid, pmid = insert_enrolled_customer(cur, i, cus, pm, fp)
             sid = cur.execute("INSERT INTO subscriptions (customer_id, payment_method_id, amount, currency, interval, "
                               "interval_count, anchor_at, next_period_index, next_charge_at, status, "
                               "current_period_start, current_period_end) "

@@ -28,6 +28,8 @@ from sqlalchemy import event
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.scale import insert_enrolled_customer  # noqa: E402
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,13 +120,7 @@ def seed(numbers: range, due: datetime, db_url: str) -> None:
         rows.append((i, cus, card.payment_method_id, card.fingerprint))
     with psycopg.connect(db_url.replace("+psycopg", "")) as conn, conn.cursor() as cur:
         for i, cus, pm, fp in rows:
-            cid = cur.execute("INSERT INTO customers (email, name, country, stripe_customer_id) "
-                              "VALUES (%s, %s, 'FR', %s) RETURNING id", (f"bench{i}@example.com", f"Bench {i}", cus)
-                              ).fetchone()[0]
-            pmid = cur.execute("INSERT INTO payment_methods (customer_id, stripe_payment_method_id, brand, last4, "
-                               "country, fingerprint, saved_at) VALUES (%s, %s, 'visa', '4242', 'US', %s, now()) "
-                               "RETURNING id", (cid, pm, fp)).fetchone()[0]
-            cur.execute("UPDATE customers SET default_payment_method_id = %s WHERE id = %s", (pmid, cid))
+            cid, pmid = insert_enrolled_customer(cur, i, cus, pm, fp)
             cur.execute("INSERT INTO subscriptions (customer_id, payment_method_id, amount, currency, interval, "
                         "interval_count, anchor_at, next_period_index, next_charge_at, status) "
                         "VALUES (%s, %s, 1999, 'eur', 'month', 1, %s, 0, %s, 'active')", (cid, pmid, due, due))

@@ -77,3 +77,17 @@ def seed_subscriptions(database_url: str, *, total: int, due_every: int, now: da
                               AND c.status NOT IN ('paid', 'void', 'uncollectible'))""", {"now": now}).fetchall()
         conn.commit()
     return {row[0] for row in due}
+
+
+def insert_enrolled_customer(cur, i: int, stripe_customer_id: str, stripe_pm_id: str,
+                             fingerprint: str | None) -> tuple[int, int]:
+    """One customer whose card is saved at Stripe (the benches' sandbox customers): the customer row,
+    its card row, and the card as its default. Returns ``(customer_id, payment_method_id)``."""
+    cid = cur.execute("INSERT INTO customers (email, name, country, stripe_customer_id) "
+                      "VALUES (%s, %s, 'FR', %s) RETURNING id",
+                      (f"bench{i}@example.com", f"Bench {i}", stripe_customer_id)).fetchone()[0]
+    pmid = cur.execute("INSERT INTO payment_methods (customer_id, stripe_payment_method_id, brand, last4, "
+                       "country, fingerprint, saved_at) VALUES (%s, %s, 'visa', '4242', 'US', %s, now()) "
+                       "RETURNING id", (cid, stripe_pm_id, fingerprint)).fetchone()[0]
+    cur.execute("UPDATE customers SET default_payment_method_id = %s WHERE id = %s", (pmid, cid))
+    return cid, pmid
