@@ -69,7 +69,9 @@ OPEN = frozenset(ChargeStatus) - FINAL
 
 # from → the statuses it may move to. A status may always "move" to itself (a refresh of timestamps).
 CHARGE_TRANSITIONS: dict[ChargeStatus, frozenset[ChargeStatus]] = {
-    _P: frozenset({_PR, _VOID}),
+    # → paid: a success about an attempt that was abandoned (the charge went back to pending) is still
+    # money collected, and is recorded.
+    _P: frozenset({_PR, _VOID, _PAID}),
     _PR: frozenset({_PAID, _AUTH, _RPM, _REVIEW, _UNC, _P}),
     _AUTH: frozenset({_PR, _PAID, _RPM, _UNC, _VOID}),
     _RPM: frozenset({_PR, _PAID, _AUTH, _UNC, _VOID}),

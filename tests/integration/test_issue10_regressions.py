@@ -669,3 +669,25 @@ def test_bug10_a_detached_card_is_no_card_on_the_console_as_for_the_charge_task(
     shown = html.unescape(card.group(1))
     assert last4 not in shown or "detached" in shown, shown  # never offered as a card that can be charged
     assert "none" in shown or "detached" in shown, shown
+
+
+def test_a_late_success_of_an_abandoned_attempt_is_recorded_on_a_pending_charge(session_factory):
+    """An attempt abandoned after Stripe's 500s sends the charge back to ``pending``; if a PaymentIntent
+    of that attempt succeeds after all (its webhook, or a lookup), the money is recorded: pending → paid
+    is a legal move, never an ignored outcome."""
+    t0 = datetime.now(UTC) - timedelta(hours=1)
+    sub_id = subscription(session_factory, anchor=t0)
+    gw = OutageGateway(script=lambda pm: declined("insufficient_funds"), outage=1)
+    [charge_id] = charging.run_due(now=t0, enqueue=lambda _id: None).created
+    with pytest.raises(TemporaryStripeError):
+        charging.process_charge(charge_id, gateway=gw, now=t0)
+    assert row(session_factory, Charge, charge_id).status == ChargeStatus.pending
+    with unit_of_work() as uow:
+        charge = uow.session.get(Charge, charge_id, with_for_update=True)
+        result = charging.apply_outcome(uow.session, charge, PaymentOutcome(OutcomeKind.succeeded,
+                                                                            payment_intent_id="pi_late"),
+                                        now=t0 + timedelta(minutes=5))
+        uow.commit()
+    assert result == ChargeStatus.paid.value
+    assert row(session_factory, Charge, charge_id).status == ChargeStatus.paid
+    assert row(session_factory, Subscription, sub_id).status == "active"

@@ -48,8 +48,12 @@ def test_paid_records_when_and_a_paid_charge_never_moves():
             state.move_charge(charge, wanted, now=NOW)
 
 
-def test_a_pending_charge_cannot_jump_to_an_outcome_without_an_attempt():
-    for wanted in (ChargeStatus.paid, ChargeStatus.requires_payment_method, ChargeStatus.uncollectible):
+def test_a_pending_charge_cannot_jump_to_a_failure_without_an_attempt_but_money_is_always_recorded():
+    charge = _charge(ChargeStatus.pending)
+    state.move_charge(charge, ChargeStatus.paid, now=NOW)  # a late success of an abandoned attempt
+    assert charge.status == ChargeStatus.paid and charge.paid_at == NOW
+    for wanted in (ChargeStatus.requires_payment_method, ChargeStatus.authentication_required,
+                   ChargeStatus.uncollectible):
         with pytest.raises(state.IllegalTransition):
             state.move_charge(_charge(ChargeStatus.pending), wanted, now=NOW)
 
