@@ -9,17 +9,7 @@ from fastapi.testclient import TestClient
 
 from billing.web.finance import create_finance_app
 from tests.finance import support
-
-
-class RecordingJobs:
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def retry_charge(self, charge_id: int) -> None:
-        self.calls.append(("retry_charge", charge_id))
-
-    def relay_outbox(self) -> None:
-        self.calls.append(("relay_outbox",))
+from tests.finance.support import RecordingJobs
 
 
 @pytest.fixture

@@ -100,3 +100,16 @@ def seed_queue(session, now: datetime | None = None, *, opened_and_emailed: bool
         _ = pm
     session.flush()
     return ids
+
+
+class RecordingJobs:
+    """A staff action's follow-up work, recorded (as if the broker took it) instead of sent to Celery."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def retry_charge(self, charge_id: int) -> None:
+        self.calls.append(("retry_charge", charge_id))
+
+    def relay_outbox(self) -> None:
+        self.calls.append(("relay_outbox",))

@@ -87,18 +87,14 @@ ALL_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRAC
 # --- fixtures and helpers ----------------------------------------------------------------------------
 
 @pytest.fixture
-def env(app_env, sandbox, monkeypatch):
+def env(app_env, sandbox):
     """The product's environment for these tests (applied to this process)."""
-    from tests.conftest import reset_process_caches
+    from tests.conftest import environ_applied
 
     values = {**app_env, "BILLING_STRIPE_PUBLISHABLE_KEY": PK, "BILLING_STRIPE_WEBHOOK_SECRET": stripe_events.SECRET,
               "BILLING_STRIPE_JS_URL": f"{sandbox.url}/js/v3/stripe.js", "BILLING_PUBLIC_URL": PUBLIC_URL}
-    for key, value in values.items():
-        monkeypatch.setenv(key, value)
-    reset_process_caches()
-    yield values
-    monkeypatch.undo()
-    reset_process_caches()
+    with environ_applied(values):
+        yield values
 
 
 @pytest.fixture

@@ -43,18 +43,14 @@ MIB = 1024 * 1024
 
 
 @pytest.fixture
-def web_env(app_env, sandbox, monkeypatch):
-    from tests.conftest import reset_process_caches
+def web_env(app_env, sandbox):
+    from tests.conftest import environ_applied
 
     env = {**app_env, "BILLING_STRIPE_PUBLISHABLE_KEY": "pk_test_edge",
            "BILLING_STRIPE_JS_URL": f"{sandbox.url}/js/v3/stripe.js",
            "BILLING_STRIPE_WEBHOOK_SECRET": stripe_events.SECRET}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    reset_process_caches()
-    yield env
-    monkeypatch.undo()
-    reset_process_caches()
+    with environ_applied(env):
+        yield env
 
 
 @pytest.fixture

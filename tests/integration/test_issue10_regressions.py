@@ -46,6 +46,7 @@ from tests import factories
 from tests.conftest import TABLES
 from tests.fakes import FakeGateway, auth_required, declined
 from tests.finance import support
+from tests.finance.support import RecordingJobs
 from tests.integration.test_cli import run_billing
 from tests.integration.test_webhooks import Gateway, inline_enqueue
 from tests.stripe_events import SECRET, event, payment_intent, signed
@@ -101,19 +102,6 @@ def late_success(charge_id: int, pi_id: str, now: datetime) -> str:
             OutcomeKind.succeeded, payment_intent_id=pi_id), now=now)
         uow.commit()
     return result
-
-
-class RecordingJobs:
-    """A staff action's follow-up work, recorded (as if the broker took it)."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []
-
-    def retry_charge(self, charge_id: int) -> None:
-        self.calls.append(("retry_charge", charge_id))
-
-    def relay_outbox(self) -> None:
-        self.calls.append(("relay_outbox",))
 
 
 class InlineJobs(RecordingJobs):
